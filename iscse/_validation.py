@@ -1,0 +1,79 @@
+"""Argument checks shared by the functional API and the module. Every check runs before any state changes."""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def check_embeddings(name: str, z, dim: int | None = None) -> None:
+    """``z`` must be a floating ``(B, D)`` tensor with ``B >= 1``."""
+    if not isinstance(z, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(z).__name__}")
+    if z.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {z.dtype}")
+    if z.dim() != 2:
+        raise ValueError(f"{name} must be 2-D (batch, dim), got shape {tuple(z.shape)}")
+    if z.shape[0] < 1 or z.shape[1] < 1:
+        raise ValueError(f"{name} must have at least one row and one column, got shape {tuple(z.shape)}")
+    if dim is not None and z.shape[1] != dim:
+        raise ValueError(f"{name} has dim {z.shape[1]} but the buffer's dim is {dim}")
+
+
+def check_pair(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor, dim: int | None = None) -> None:
+    """Both embeddings valid, of one shape, on one device."""
+    check_embeddings(name_a, a, dim)
+    check_embeddings(name_b, b, dim)
+    if a.shape != b.shape:
+        raise ValueError(f"{name_a} and {name_b} must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    if a.device != b.device:
+        raise ValueError(f"{name_a} and {name_b} must be on the same device, got {a.device} and {b.device}")
+
+
+def check_finite(name: str, z: torch.Tensor) -> None:
+    """No NaN or inf in ``z``. This reads a flag back from the device (a host sync on CUDA), so it is skipped while
+    a CUDA graph is being captured; callers that want no sync at all pass ``check_finite=False``."""
+    if z.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    if not bool(torch.isfinite(z).all()):
+        raise ValueError(f"{name} contains NaN or inf")
+
+
+def check_same_device(name: str, z: torch.Tensor, device: torch.device, what: str = "the buffer") -> None:
+    """``z`` lives on ``device``."""
+    if z.device != device:
+        raise ValueError(f"{name} is on {z.device} but {what} is on {device}; move one of them (e.g. .to())")
+
+
+def check_positive(name: str, value) -> float:
+    """A finite real number > 0 (temperatures)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a positive number, got {type(value).__name__}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return float(value)
+
+
+def check_k(k, candidates: int | None = None) -> int:
+    """A positive int, at most the number of rows that can be neighbours (buffer size minus the query's own)."""
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if candidates is not None and k > candidates:
+        raise ValueError(f"k={k} is larger than the {candidates} buffer rows that can be neighbours "
+                         f"(buffer size minus the query's own slot)")
+    return int(k)
+
+
+def check_alpha(alpha) -> float:
+    """A finite real number >= 0."""
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
+        raise TypeError(f"alpha must be a number (or, for ISCSELoss, a callable of the step), "
+                        f"got {type(alpha).__name__}")
+    if not math.isfinite(alpha) or alpha < 0:
+        raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
+    return float(alpha)

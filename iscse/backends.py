@@ -1,0 +1,117 @@
+"""Backend interface and registry: every backend computes the same function (DESIGN.md §2).
+
+A backend provides four operations on plain tensors (the functional API has already validated them):
+
+- ``knn_topk(q, storage, k, self_slots, ptr)`` -> ``(vals, idx)``: for each query row, the ``k`` buffer slots with
+  the largest dot product, sorted by descending value, the query's own slot (``self_slots[i]``) excluded when
+  ``self_slots`` is not None. ``vals`` float32 (float64 for float64 inputs) ``(B, k)``, ``idx`` int64 ``(B, k)``
+  slot indices. ``ptr`` is the buffer's write pointer (only the reference uses it, to rebuild its shifted order).
+- ``smooth(q, storage, idx, vals, attn_temperature)`` -> ``z*`` ``(B, D)``, differentiable in ``q``.
+- ``info_nce(a, b, temperature)`` -> scalar, differentiable in ``a`` and ``b``.
+- ``losses(z1, z2, q2, storage, self_slots, ptr, k, temperature, attn_temperature, smooth, knn)`` ->
+  ``(L_cl, L_s)``; the default composes the three above, a fused backend overrides it.
+
+Backends are looked up by name with :func:`get_backend`; ``"auto"`` resolves by device (:func:`resolve_name`).
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Dict, Optional, Tuple
+
+import torch
+
+__all__ = ["Backend", "get_backend", "resolve_name", "available_backends", "BACKEND_NAMES"]
+
+BACKEND_NAMES = ("auto", "reference", "torch", "triton", "faiss")
+
+# name -> (module, class, install hint). Imported lazily, so optional dependencies are only needed when asked for.
+_REGISTRY: Dict[str, Tuple[str, str, str]] = {
+    "reference": ("iscse.reference_backend", "ReferenceBackend", ""),
+    "torch": ("iscse.torch_ops", "TorchBackend", ""),
+    "triton": ("iscse.triton_ops", "TritonBackend", "pip install 'iscse[triton]'"),
+    "faiss": ("iscse.faiss_ops", "FaissBackend", "pip install 'iscse[faiss]' (or 'iscse[faiss-gpu]')"),
+}
+_CACHE: Dict[str, "Backend"] = {}
+
+
+class Backend:
+    """Base class: :meth:`losses` composes :meth:`knn_topk`, :meth:`smooth` and :meth:`info_nce`."""
+
+    name = "base"
+
+    def knn_topk(self, q, storage, k, self_slots, ptr=0):  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def smooth(self, q, storage, idx, vals, attn_temperature):  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def info_nce(self, a, b, temperature):  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def losses(self, z1, z2, q2, storage, self_slots, ptr, *, k, temperature, attn_temperature, smooth,
+               knn: Optional["Backend"] = None):
+        """``(L_cl, L_s)`` for one step; ``L_s`` is a zero tensor when ``smooth`` is False."""
+        l_cl = self.info_nce(z1, z2, temperature)
+        if not smooth:
+            return l_cl, torch.zeros((), dtype=l_cl.dtype, device=l_cl.device)
+        vals, idx = (knn or self).knn_topk(q2, storage, k, self_slots, ptr)
+        z_star = self.smooth(q2, storage, idx, vals, attn_temperature)
+        return l_cl, self.info_nce(z1, z_star, temperature)
+
+
+def _triton_usable() -> bool:
+    try:
+        importlib.import_module("triton")
+        importlib.import_module("iscse.triton_ops")
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_name(name, device: torch.device) -> str:
+    """Validate a backend name and resolve ``"auto"``: Triton for CUDA tensors when it imports, else torch."""
+    if not isinstance(name, str):
+        raise TypeError(f"backend must be a str, one of {BACKEND_NAMES}, got {type(name).__name__}")
+    if name not in BACKEND_NAMES:
+        raise ValueError(f"unknown backend {name!r}; expected one of {BACKEND_NAMES}")
+    if name == "auto":
+        return "triton" if device.type == "cuda" and _triton_usable() else "torch"
+    return name
+
+
+def get_backend(name: str, device: torch.device) -> Backend:
+    """The backend object for ``name`` (``"auto"`` resolved for ``device``); raises with the extra to install
+    when its optional dependency is missing."""
+    name = resolve_name(name, device)
+    if name not in _CACHE:
+        module, cls, hint = _REGISTRY[name]
+        try:
+            mod = importlib.import_module(module)
+        except ImportError as exc:
+            missing = getattr(exc, "name", None) or ""
+            if missing == module:  # the backend module itself is not part of this build
+                raise ValueError(f"backend {name!r} is not available in this version of iscse") from exc
+            raise ImportError(f"backend {name!r} needs a package that is not installed ({exc}); "
+                              f"install it with: {hint}") from exc
+        _CACHE[name] = getattr(mod, cls)()
+    return _CACHE[name]
+
+
+def available_backends(device: torch.device | str = "cpu") -> Dict[str, bool]:
+    """Which concrete backends can be used on ``device`` here (imports each one)."""
+    device = torch.device(device)
+    out = {}
+    for name in _REGISTRY:
+        try:
+            get_backend(name, device)
+            out[name] = name != "triton" or device.type == "cuda" or _interpreting()
+        except (ImportError, ValueError):
+            out[name] = False
+    return out
+
+
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+

@@ -1,0 +1,178 @@
+"""Functional IS-CSE API: validate, then dispatch to a backend (:mod:`iscse.backends`).
+
+Every function takes ``backend=``: ``"auto"`` (Triton for CUDA tensors when it imports, otherwise torch),
+``"torch"``, ``"reference"``, ``"triton"`` or ``"faiss"`` (kNN by FAISS, the rest by the device's default path).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+from . import _validation as V
+from .backends import get_backend
+from .buffer import MemoryBuffer
+
+__all__ = ["knn_topk", "smooth", "info_nce", "iscse_loss", "ISCSEOutput"]
+
+BufferLike = Union[MemoryBuffer, torch.Tensor]
+
+
+class ISCSEOutput(NamedTuple):
+    """What :func:`iscse_loss` returns with ``return_components=True``.
+
+    ``loss = contrastive + alpha * smooth``; ``contrastive`` is L_cl (InfoNCE of ``z1`` against ``z2``), ``smooth``
+    is L_s (InfoNCE of ``z1`` against the smoothed positives ``z*``; zero until the buffer is full). All three are
+    scalar tensors of the same graph: log ``contrastive.detach()``, no second computation is needed.
+    """
+
+    loss: torch.Tensor
+    contrastive: torch.Tensor
+    smooth: torch.Tensor
+
+
+def _storage(buffer: BufferLike, name: str = "buffer") -> Tuple[torch.Tensor, int]:
+    if isinstance(buffer, MemoryBuffer):
+        return buffer.storage, buffer.ptr
+    if isinstance(buffer, torch.Tensor):
+        if buffer.dim() != 2:
+            raise ValueError(f"{name} must be a MemoryBuffer or a 2-D (M, D) tensor, got shape {tuple(buffer.shape)}")
+        if buffer.dtype not in V.FLOAT_DTYPES:
+            raise TypeError(f"{name} must be a floating tensor, got {buffer.dtype}")
+        return buffer, 0
+    raise TypeError(f"{name} must be a MemoryBuffer or a torch.Tensor, got {type(buffer).__name__}")
+
+
+def _self_slots(q: torch.Tensor, buffer: BufferLike, self_slots) -> Optional[torch.Tensor]:
+    if self_slots is None:
+        return None
+    if isinstance(self_slots, str):
+        if self_slots != "last":
+            raise ValueError(f"self_slots must be 'last', None or an int64 tensor, got {self_slots!r}")
+        if not isinstance(buffer, MemoryBuffer):
+            raise ValueError("self_slots='last' needs a MemoryBuffer; for a plain tensor pass self_slots=None "
+                             "(exclude nothing) or an int64 tensor of the slots to exclude")
+        if buffer.last_push != q.shape[0]:
+            raise ValueError(f"self_slots='last' means q is the batch pushed last, but the last push had "
+                             f"{buffer.last_push} rows and q has {q.shape[0]}; push q first or pass self_slots")
+        return buffer.last_slots()
+    if not isinstance(self_slots, torch.Tensor) or self_slots.dtype != torch.int64:
+        raise TypeError("self_slots must be 'last', None or an int64 tensor")
+    if self_slots.shape != (q.shape[0],):
+        raise ValueError(f"self_slots must have shape ({q.shape[0]},), got {tuple(self_slots.shape)}")
+    V.check_same_device("self_slots", self_slots, q.device, "q")
+    return self_slots
+
+
+def knn_topk(q: torch.Tensor, buffer: BufferLike, k: int, *, self_slots="last",
+             backend: str = "auto") -> Tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` buffer rows most similar to each query by inner product, the query's own slot excluded.
+
+    Args:
+        q: ``(B, D)`` queries (IS-CSE: the normalised second view ``q2``), fp32/bf16/fp16/fp64.
+        buffer: a :class:`MemoryBuffer` or an ``(M, D)`` tensor of rows.
+        k: neighbours per query, ``1 <= k <= M - 1``.
+        self_slots: ``"last"`` (default): ``q`` is the batch most recently pushed into ``buffer`` and row ``i``'s own
+            slot is excluded; ``None``: exclude nothing; or an int64 ``(B,)`` tensor of slots to exclude.
+        backend: see the module docstring.
+
+    Returns:
+        ``(vals, idx)``, each ``(B, k)`` sorted by descending similarity: ``vals`` the dot products (fp32, fp64 for
+        fp64 inputs), ``idx`` int64 slot indices into ``buffer`` (its storage order). Not differentiable.
+    """
+    storage, ptr = _storage(buffer)
+    V.check_embeddings("q", q, storage.shape[1])
+    V.check_same_device("q", q, storage.device)
+    slots = _self_slots(q, buffer, self_slots)
+    V.check_k(k, storage.shape[0] - (1 if slots is not None else 0))
+    return get_backend(backend, q.device).knn_topk(q, storage, k, slots, ptr)
+
+
+def smooth(q: torch.Tensor, buffer: BufferLike, idx: torch.Tensor, vals: torch.Tensor,
+           attn_temperature: float = 2.0, *, backend: str = "auto") -> torch.Tensor:
+    """Instance smoothing: ``z*_i = softmax([q_i.q_i, vals_i] / attn_temperature) @ [q_i; buffer[idx_i]]``.
+
+    Args:
+        q: ``(B, D)`` the normalised queries; differentiable (its gradient flows through both the group's row 0 and
+            the attention logits, as in the paper's code).
+        buffer: a :class:`MemoryBuffer` or an ``(M, D)`` tensor (constants).
+        idx: int64 ``(B, k)`` neighbour slots, from :func:`knn_topk`.
+        vals: ``(B, k)`` their dot products with ``q``, from :func:`knn_topk` (used as the attention logits).
+        attn_temperature: the attention divisor (the paper's code divides by 2).
+
+    Returns:
+        ``(B, D)`` smoothed positives ``z*`` in fp32 (fp64 for fp64 inputs).
+    """
+    storage, _ = _storage(buffer)
+    V.check_embeddings("q", q, storage.shape[1])
+    V.check_same_device("q", q, storage.device)
+    t = V.check_positive("attn_temperature", attn_temperature)
+    for name, x, dtypes in (("idx", idx, (torch.int64,)), ("vals", vals, V.FLOAT_DTYPES)):
+        if not isinstance(x, torch.Tensor) or x.dtype not in dtypes:
+            raise TypeError(f"{name} must be a tensor of dtype {dtypes}, got "
+                            f"{getattr(x, 'dtype', type(x).__name__)}")
+        if x.dim() != 2 or x.shape[0] != q.shape[0]:
+            raise ValueError(f"{name} must have shape ({q.shape[0]}, k), got {tuple(x.shape)}")
+        V.check_same_device(name, x, q.device, "q")
+    if idx.shape != vals.shape:
+        raise ValueError(f"idx and vals must have the same shape, got {tuple(idx.shape)} and {tuple(vals.shape)}")
+    return get_backend(backend, q.device).smooth(q, storage, idx, vals, t)
+
+
+def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float = 0.05, *, backend: str = "auto") -> torch.Tensor:
+    """InfoNCE with in-batch negatives: ``mean_i CE(cos(a_i, b_j) / temperature, target j = i)``.
+
+    ``a``, ``b``: ``(B, D)``; temperature 0.05 is a logit scale of 20. Returns a scalar (fp32, fp64 for fp64
+    inputs), differentiable in ``a`` and ``b``.
+    """
+    V.check_pair("a", a, "b", b)
+    t = V.check_positive("temperature", temperature)
+    return get_backend(backend, a.device).info_nce(a, b, t)
+
+
+def iscse_loss(z1: torch.Tensor, z2: torch.Tensor, buffer: MemoryBuffer, *, k: int = 16, temperature: float = 0.05,
+               attn_temperature: float = 2.0, alpha: float = 0.1, backend: str = "auto",
+               knn_backend: Optional[str] = None, return_components: bool = False,
+               check_finite: bool = True) -> Union[torch.Tensor, ISCSEOutput]:
+    """One IS-CSE step: push ``normalize(z2)`` into ``buffer``, return ``L_cl + alpha * L_s``.
+
+    ``L_cl`` is InfoNCE of ``z1`` against ``z2``; once every buffer slot has been written, ``L_s`` is InfoNCE of
+    ``z1`` against the smoothed positives ``z*`` (:func:`smooth` over the :func:`knn_topk` neighbours of
+    ``q2 = normalize(z2)``, its own slot excluded), and zero before that (DESIGN.md §1).
+
+    Args:
+        z1, z2: ``(B, D)`` embeddings of the two dropout views (fp32/bf16/fp16/fp64), ``B <= buffer.size``.
+        buffer: the :class:`MemoryBuffer` (``D`` must match); it is pushed to, on success only.
+        k: neighbours per query (paper: 16). temperature: InfoNCE temperature (0.05). attn_temperature: the
+            attention divisor (2). alpha: weight of ``L_s`` (0.1), a number >= 0.
+        backend: which implementation computes the loss; ``knn_backend``: another one for the kNN step only
+            (e.g. ``"faiss"`` for very large buffers), default the same.
+        return_components: return an :class:`ISCSEOutput` ``(loss, contrastive, smooth)`` instead of the loss.
+        check_finite: raise on NaN/inf in ``z1``/``z2`` (costs a device-to-host read on CUDA; skipped while a CUDA
+            graph is captured).
+
+    Bad input raises ``ValueError``/``TypeError`` naming the argument before the buffer changes.
+    """
+    if not isinstance(buffer, MemoryBuffer):
+        raise TypeError(f"buffer must be an iscse.MemoryBuffer, got {type(buffer).__name__}")
+    V.check_pair("z1", z1, "z2", z2, buffer.dim)
+    V.check_same_device("z1", z1, buffer.device)
+    if z1.shape[0] > buffer.size:
+        raise ValueError(f"batch size {z1.shape[0]} is larger than the buffer size {buffer.size}")
+    k = V.check_k(k, buffer.size - 1)
+    temperature = V.check_positive("temperature", temperature)
+    attn_temperature = V.check_positive("attn_temperature", attn_temperature)
+    alpha = V.check_alpha(alpha)
+    impl = get_backend(backend, z1.device)
+    knn = get_backend(knn_backend, z1.device) if knn_backend is not None else impl
+    if check_finite:
+        V.check_finite("z1", z1)
+        V.check_finite("z2", z2)
+
+    q2 = F.normalize(z2, dim=-1)
+    buffer.push(q2)
+    l_cl, l_s = impl.losses(z1, z2, q2, buffer.storage, buffer.last_slots(), buffer.ptr, k=k,
+                            temperature=temperature, attn_temperature=attn_temperature, smooth=buffer.full, knn=knn)
+    loss = l_cl + alpha * l_s
+    return ISCSEOutput(loss, l_cl, l_s) if return_components else loss

