@@ -48,7 +48,7 @@ def knn_topk(q: torch.Tensor, storage: torch.Tensor, k: int, self_slots=None, ch
             best_v, best_i = v, i
         else:
             v, i = torch.cat([best_v, v], dim=1), torch.cat([best_i, i], dim=1)
-            best_v, pos = v.topk(k, dim=1)
+            best_v, pos = v.topk(min(k, v.shape[1]), dim=1)
             best_i = i.gather(1, pos)
     out_dtype = _compute_dtype(q.dtype, storage.dtype)
     if low_precision or q.dtype != storage.dtype:
