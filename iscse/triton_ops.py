@@ -1,0 +1,220 @@
+"""``backend="triton"``: the fused Triton kernels (:mod:`iscse.kernels`) behind autograd Functions (DESIGN.md §3).
+
+One name per op through every layer: ``iscse.kernels.knn_topk`` -> :func:`knn_topk`; ``iscse.kernels.smooth`` ->
+:class:`SmoothFunction` -> :func:`smooth`; ``iscse.kernels.info_nce`` -> :class:`InfoNCEFunction` ->
+:func:`info_nce`; all three fused -> :class:`ISCSELossesFunction` -> :meth:`TritonBackend.losses`.
+
+The fused step (:meth:`TritonBackend.losses`) launches, in forward: the kNN chunk kernel, the aggregation kernel
+(which also merges the kNN's per-chunk candidates), and the two passes of the dual InfoNCE (which also produce every
+input gradient); in backward: one kernel (scales those gradients by ``grad_output``, smooth backward, ``normalize``
+backward). Five launches for forward + backward, no host synchronisation (no ``.item()``, no Python branch on device
+values: ``grad_output`` is read by the kernel from device memory), so a step can be captured in a CUDA graph.
+
+Contract at the boundary: CUDA tensors (or CPU tensors when Triton runs in its interpreter, ``TRITON_INTERPRET=1``
+set before ``triton`` is first imported: that is how CI tests the kernels); embeddings fp32/bf16/fp16 and buffers
+fp32/bf16/fp16 (float64 raises ``TypeError``: use ``backend="torch"``); ``1 <= k <= 256``. Inputs are read through
+their strides; nothing is copied except a non-contiguous ``idx`` or ``grad z*`` (and, in the interpreter only, a
+query of another dtype than the buffer). Losses are fp32 scalars, ``z*`` fp32, gradients in
+the inputs' dtypes. The forward keeps the gathered neighbour rows (``B x k x D``, buffer dtype) for backward, as
+the torch backend does, so the buffer may be pushed to again before the backward.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+try:
+    import triton  # noqa: F401  (the import that fails when Triton is missing)
+    from triton.runtime.jit import JITFunction
+except ImportError as exc:  # pragma: no cover - exercised only where triton is missing
+    raise ImportError("backend='triton' needs the 'triton' package, which is not installed; install it with: "
+                      "pip install 'iscse[triton]'") from exc
+
+from .backends import Backend
+from .kernels import info_nce as _nce
+from .kernels import knn_topk as _knn
+from .kernels import smooth as _smooth
+
+__all__ = ["TritonBackend", "knn_topk", "smooth", "info_nce", "SmoothFunction", "InfoNCEFunction",
+           "ISCSELossesFunction", "INTERPRETED", "MAX_K"]
+
+#: True when the kernels were built by Triton's interpreter (``TRITON_INTERPRET=1`` when triton was imported): they
+#: then run on CPU tensors, slowly, for testing.
+INTERPRETED = not isinstance(_knn._knn_chunk_kernel, JITFunction)
+
+#: Largest supported k (the running top-k lives in registers, ``BLOCK_B x next_power_of_2(k)``).
+MAX_K = 256
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _check(**tensors: torch.Tensor) -> None:
+    """dtype and device checks for the Triton kernels (the functional API has checked shapes already)."""
+    for name, t in tensors.items():
+        if t.dtype == torch.float64:
+            raise TypeError(f"backend='triton' does not support float64 ({name} is float64); use backend='torch' "
+                            f"(or 'reference') for float64, or pass float32/bfloat16/float16 tensors")
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"backend='triton' supports float32, bfloat16 and float16; {name} is {t.dtype}")
+        if t.device.type != "cuda" and not INTERPRETED:
+            raise ValueError(f"backend='triton' needs CUDA tensors ({name} is on {t.device}); use backend='torch' "
+                             f"on CPU (or set TRITON_INTERPRET=1 before importing triton to run the kernels in "
+                             f"Triton's interpreter, for testing)")
+
+
+def _check_k(k: int) -> None:
+    if k > MAX_K:
+        raise ValueError(f"backend='triton' supports k <= {MAX_K}, got k={k}; use backend='torch' for larger k")
+
+
+def knn_topk(q: torch.Tensor, storage: torch.Tensor, k: int, self_slots: Optional[torch.Tensor] = None):
+    """Top-``k`` slots of ``storage`` ``(M, D)`` by dot product with each row of ``q`` ``(B, D)``, the query's own
+    slot (``self_slots``, int64 ``(B,)``) excluded. Returns fp32 ``vals`` (exact fp32 dot products) and int64
+    ``idx``, each ``(B, k)``, sorted by descending value. Not differentiable."""
+    _check(q=q, storage=storage)
+    _check_k(k)
+    if self_slots is not None:
+        self_slots = self_slots.contiguous()
+    return _knn.knn_topk(q.detach(), storage, k, self_slots)
+
+
+class SmoothFunction(torch.autograd.Function):
+    """``z* = softmax([|q|^2, vals] / t) @ [q; storage[idx]]``: the Triton version of
+    ``iscse.torch_ops.SmoothFunction`` (same forward and backward math). Inputs ``q`` ``(B, D)``, ``storage``
+    ``(M, D)``, ``idx`` int ``(B, k)``, ``vals`` ``(B, k)``; output fp32 ``(B, D)``; differentiable in ``q``."""
+
+    @staticmethod
+    def forward(ctx, q, storage, idx, vals, attn_temperature: float):
+        z_star, w, _, _, nb = _smooth.smooth_forward(q.detach(), storage, idx.shape[1], attn_temperature, idx=idx,
+                                                     vals=vals.detach())
+        ctx.save_for_backward(q, nb, w)
+        ctx.attn_temperature = attn_temperature
+        return z_star
+
+    @staticmethod
+    def backward(ctx, grad_z):
+        q, nb, w = ctx.saved_tensors
+        grad_q = _smooth.smooth_backward(grad_z, q.detach(), nb, w, ctx.attn_temperature)
+        return grad_q, None, None, None, None
+
+
+def smooth(q: torch.Tensor, storage: torch.Tensor, idx: torch.Tensor, vals: torch.Tensor,
+           attn_temperature: float = 2.0) -> torch.Tensor:
+    """Smoothed positives ``z*`` fp32 ``(B, D)`` from neighbour slots ``idx`` and their logits' dot products
+    ``vals`` (``(B, k)``); differentiable in ``q`` (gradient in ``q``'s dtype)."""
+    _check(q=q, storage=storage)
+    _check_k(idx.shape[1])
+    return SmoothFunction.apply(q, storage, idx, vals, attn_temperature)
+
+
+class InfoNCEFunction(torch.autograd.Function):
+    """``mean_i CE(cos(a_i, b_.) / temperature, target i)``; its gradients are computed in forward (two launches)
+    and scaled by ``grad_output`` in backward. Inputs ``(B, D)`` fp32/bf16/fp16; output a 0-dim fp32 tensor."""
+
+    @staticmethod
+    def forward(ctx, a, b, temperature: float):
+        loss, _, ga, gb, _, _ = _nce.info_nce_forward(a.detach(), b.detach(), None, temperature)
+        ctx.save_for_backward(ga, gb)
+        ctx.dtypes = (a.dtype, b.dtype)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        ga, gb = ctx.saved_tensors
+        return (ga * grad_out).to(ctx.dtypes[0]), (gb * grad_out).to(ctx.dtypes[1]), None
+
+
+def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float = 0.05) -> torch.Tensor:
+    """InfoNCE of ``a`` against ``b`` (``(B, D)``), in-batch negatives, fp32 scalar, differentiable in both."""
+    _check(a=a, b=b)
+    return InfoNCEFunction.apply(a, b, temperature)
+
+
+class ISCSELossesFunction(torch.autograd.Function):
+    """``(L_cl, L_s)`` of one IS-CSE step, fused (see the module docstring).
+
+    ``forward(z1, z2, q2, storage, self_slots, idx, k, temperature, attn_temperature, smooth)``: ``z1``, ``z2``
+    ``(B, D)``; ``q2 = normalize(z2)`` (a value only: its gradient is folded into ``z2``'s inside the kernel);
+    ``storage`` ``(M, D)``; ``self_slots`` int64 ``(B,)``; ``idx``: neighbour slots from another backend, or None to
+    run the Triton kNN. Returns two 0-dim fp32 tensors (``L_s`` is 0 when ``smooth`` is False); backward gets a
+    gradient for each and scales each component by its own.
+    """
+
+    @staticmethod
+    def forward(ctx, z1, z2, q2, storage, self_slots, idx, k: int, temperature: float, attn_temperature: float,
+                smooth: bool):
+        ctx.set_materialize_grads(False)
+        z1, z2, q2 = z1.detach(), z2.detach(), q2.detach()
+        z_star = None
+        if smooth:
+            if idx is None:
+                cands = _knn.knn_topk_candidates(q2, storage, k, self_slots)
+                z_star, w, _, _, nb = _smooth.smooth_forward(q2, storage, k, attn_temperature, candidates=cands)
+            else:
+                z_star, w, _, _, nb = _smooth.smooth_forward(q2, storage, k, attn_temperature, idx=idx)
+        loss_cl, loss_s, gx1, gy, gx2, gz = _nce.info_nce_forward(z1, z2, z_star, temperature)
+        ctx.smooth = smooth
+        ctx.attn_temperature = attn_temperature
+        if smooth:
+            ctx.save_for_backward(z1, z2, q2, nb, w, gx1, gy, gx2, gz)
+        else:
+            ctx.save_for_backward(z1, z2, gx1, gy)
+        return loss_cl, loss_s
+
+    @staticmethod
+    def backward(ctx, g_cl, g_s):
+        none = (None,) * 8
+        if g_cl is None and g_s is None:
+            return (None, None) + none
+        saved = ctx.saved_tensors
+        if ctx.smooth:
+            z1, z2, q2, nb, w, gx1, gy, gx2, gz = saved
+            state = (q2, nb, w)
+        else:
+            z1, z2, gx1, gy = saved
+            gx2 = gz = state = None
+            g_s = None
+        g_cl = g_cl.float() if g_cl is not None else None
+        g_s = g_s.float() if g_s is not None else None
+        grad_z1, grad_z2 = _smooth.smooth_backward_fused(g_cl, g_s, z1, z2, (gx1, gy, gx2, gz), state,
+                                                         ctx.attn_temperature)
+        return (grad_z1 if ctx.needs_input_grad[0] else None, grad_z2 if ctx.needs_input_grad[1] else None) + none
+
+
+class TritonBackend(Backend):
+    """The fused Triton path (DESIGN.md §3): kNN + aggregation + dual InfoNCE, forward and backward."""
+
+    name = "triton"
+
+    def knn_topk(self, q, storage, k, self_slots, ptr=0):
+        """See :func:`knn_topk` (``ptr`` is unused: slots are storage indices)."""
+        return knn_topk(q, storage, k, self_slots)
+
+    def smooth(self, q, storage, idx, vals, attn_temperature):
+        """See :func:`smooth`."""
+        return smooth(q, storage, idx, vals, attn_temperature)
+
+    def info_nce(self, a, b, temperature):
+        """See :func:`info_nce`."""
+        return info_nce(a, b, temperature)
+
+    def losses(self, z1, z2, q2, storage, self_slots, ptr, *, k, temperature, attn_temperature, smooth,
+               knn: Optional[Backend] = None):
+        """``(L_cl, L_s)`` fused (:class:`ISCSELossesFunction`); ``L_s`` is 0 when ``smooth`` is False.
+
+        ``q2`` must be ``F.normalize(z2, dim=-1)`` (as :func:`iscse.iscse_loss` passes it): its value feeds the kNN
+        and the aggregation, and the gradient through it is added to ``z2``'s inside the backward kernel (``q2``'s
+        own graph is not used). ``knn``: another backend to find the neighbours (e.g. FAISS); the Triton kNN runs
+        when it is None or a Triton backend.
+        """
+        _check(z1=z1, z2=z2, storage=storage)
+        _check_k(k)
+        idx = None
+        if smooth:
+            if self_slots is not None:
+                self_slots = self_slots.contiguous()
+            if knn is not None and not isinstance(knn, TritonBackend):
+                _, idx = knn.knn_topk(q2.detach(), storage, k, self_slots, ptr)
+        return ISCSELossesFunction.apply(z1, z2, q2, storage, self_slots, idx, k, temperature, attn_temperature,
+                                         bool(smooth))

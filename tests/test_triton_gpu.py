@@ -1,0 +1,259 @@
+"""The compiled Triton kernels on a CUDA GPU at real sizes (every test carries the ``gpu`` marker).
+
+Run with ``python -m pytest -m gpu -q`` on a CUDA machine (bench/device_check.sh does). Comparisons are against
+the reference in float64 (fp32 inputs) or the flash-attention rule for bf16: the kernel's error against an fp32
+reference is at most twice the error of the PyTorch ops run in bf16 (plus a tiny absolute slack). At these sizes
+near-ties in the kNN are certain somewhere (two buffer rows within 1e-6 of each other in similarity), so the
+kernels' neighbour choice is checked against the exact float64 top-k values (tie-robust), and the reference loss is
+evaluated with the kernels' neighbours. Also: a CUDA-graph capture of push + loss + backward, a 1,048,576-row
+buffer without any ``B x M`` allocation, and the number of launches of the fused step.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import iscse
+from iscse import reference as R
+
+from conftest import assert_rel_close, rel_err
+
+pytestmark = pytest.mark.gpu
+
+if torch.cuda.is_available():
+    triton_ops = pytest.importorskip("iscse.triton_ops")
+    if triton_ops.INTERPRETED:
+        pytest.skip("TRITON_INTERPRET=1: the compiled kernels are not in use", allow_module_level=True)
+
+DEV = "cuda"
+
+
+def _full_buffer(M, D, dtype=torch.float32):
+    """A full MemoryBuffer of random unit rows (pointer at 0, so storage order == the reference's order)."""
+    buf = iscse.MemoryBuffer(M, D, dtype=dtype, device=DEV)
+    buf.storage.copy_(F.normalize(torch.randn(M, D, device=DEV), dim=1).to(dtype))
+    buf.written = M
+    return buf
+
+
+def _check_topk(q, storage, idx, self_slots, k, atol=1e-5):
+    """``idx`` are k most similar rows by exact float64 dot product, up to ties within ``atol``; self excluded."""
+    sim = q.double() @ storage.double().t()
+    if self_slots is not None:
+        assert not (idx == self_slots[:, None]).any(), "a query's own slot was returned"
+        sim[torch.arange(q.shape[0], device=q.device), self_slots] = float("-inf")
+    best = sim.topk(k, dim=1).values
+    got = sim.gather(1, idx).sort(dim=1, descending=True).values
+    err = (got - best).abs().max().item()
+    assert err <= atol, f"chosen neighbours' similarities differ from the exact top-k by {err:.3g}"
+
+
+def _reference_with(z1, z2, lbuf_before, ranks, k, dtype, smooth=True, temperature=0.05, attn_temperature=2.0):
+    """The reference step in ``dtype`` with the given neighbour ranks (positions in the shifted buffer):
+    ``(L_cl, L_s, grad z1, grad z2, lbuf_after)`` for the upstream weights ``0.7 L_cl + 1.3 L_s`` (``L_s = 0`` when
+    ``smooth`` is False)."""
+    a1 = z1.detach().to(dtype).requires_grad_()
+    a2 = z2.detach().to(dtype).requires_grad_()
+    q2 = F.normalize(a2, dim=-1)
+    lbuf = R.push(lbuf_before.to(dtype), q2)
+    l_cl = R.cos_sim_ce(a1, a2, temperature)
+    l_s = torch.zeros((), dtype=l_cl.dtype, device=l_cl.device)
+    if smooth:
+        l_s = R.cos_sim_ce(a1, R.aggregate(q2, lbuf, ranks, attn_temperature), temperature)
+    (0.7 * l_cl + 1.3 * l_s).backward()
+    return l_cl, l_s, a1.grad, a2.grad, lbuf
+
+
+def _triton_step(z1, z2, buf, k):
+    a1 = z1.detach().clone().requires_grad_()
+    a2 = z2.detach().clone().requires_grad_()
+    out = iscse.iscse_loss(a1, a2, buf, k=k, backend="triton", return_components=True, check_finite=False)
+    (0.7 * out.contrastive + 1.3 * out.smooth).backward()
+    # The neighbours the fused step used (same kernels, same candidates, same merge).
+    q2 = F.normalize(a2.detach(), dim=-1)
+    _, idx = iscse.knn_topk(q2, buf, k, backend="triton")
+    return out, a1.grad, a2.grad, idx, q2
+
+
+@pytest.mark.parametrize("B, M, D, k, steps", [
+    (64, 1024, 768, 16, 3), (512, 4096, 1024, 16, 2), (33, 1000, 96, 7, 3), (1, 37, 13, 1, 3),
+    (5, 12, 96, 7, 3), (128, 2048, 256, 64, 2), (300, 65536, 768, 16, 1),
+])
+def test_fused_step_matches_float64_reference(B, M, D, k, steps):
+    """fp32 inputs, full fp32 buffer: losses and gradients within 1e-4 of the float64 reference evaluated with the
+    kernels' neighbours, which are checked to be an exact top-k; buffer contents equal after every step."""
+    buf = _full_buffer(M, D)
+    lbuf = buf.rows().double()
+    for _ in range(steps):
+        z1, z2 = torch.randn(B, D, device=DEV), torch.randn(B, D, device=DEV)
+        out, g1, g2, idx, q2 = _triton_step(z1, z2, buf, k)
+        _check_topk(q2, buf.storage, idx, buf.last_slots(), k)
+        ranks = buf.slots_to_ranks(idx)
+        l_cl, l_s, r1, r2, lbuf = _reference_with(z1, z2, lbuf, ranks, k, torch.float64)
+        assert_rel_close(out.contrastive, l_cl, 1e-4, "L_cl")
+        assert_rel_close(out.smooth, l_s, 1e-4, "L_s")
+        assert_rel_close(g1, r1, 1e-4, "grad z1")
+        assert_rel_close(g2, r2, 1e-4, "grad z2")
+        assert_rel_close(buf.rows(), lbuf, 1e-6, "buffer")
+
+
+def test_filling_buffer_then_smoothing():
+    """Steps from an empty buffer: L_s is exactly 0 until the buffer is full, then matches the reference."""
+    B, M, D, k = 48, 200, 128, 7
+    buf = iscse.MemoryBuffer(M, D, device=DEV)
+    lbuf = R.new_buffer(M, D, device=DEV, dtype=torch.float64)
+    for step in range(6):
+        z1, z2 = torch.randn(B, D, device=DEV), torch.randn(B, D, device=DEV)
+        smooth = buf.written + B >= M  # full once this step's push is done
+        out, g1, g2, idx, q2 = _triton_step(z1, z2, buf, k)
+        ranks = buf.slots_to_ranks(idx)
+        l_cl, l_s, r1, r2, lbuf = _reference_with(z1, z2, lbuf, ranks, k, torch.float64, smooth=smooth)
+        assert buf.full == smooth
+        assert_rel_close(out.contrastive, l_cl, 1e-4, f"L_cl step {step}")
+        assert_rel_close(out.smooth, l_s, 1e-4, f"L_s step {step}")
+        assert_rel_close(g1, r1, 1e-4, f"grad z1 step {step}")
+        assert_rel_close(g2, r2, 1e-4, f"grad z2 step {step}")
+        assert_rel_close(buf.rows(), lbuf, 1e-6, f"buffer step {step}")
+
+
+@pytest.mark.parametrize("B, M, D, k", [(512, 65536, 1024, 16), (64, 1024, 768, 16), (7, 100003, 64, 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_knn_topk_exact_up_to_ties(B, M, D, k, dtype):
+    """Standalone kNN: an exact top-k (float64 similarities of the buffer-dtype query), self slots excluded, values
+    the exact fp32 dot products."""
+    storage = F.normalize(torch.randn(M, D, device=DEV), dim=1).to(dtype)
+    q = F.normalize(torch.randn(B, D, device=DEV), dim=1)
+    slots = torch.randint(0, M, (B,), device=DEV)
+    vals, idx = iscse.knn_topk(q, storage, k, self_slots=slots, backend="triton")
+    _check_topk(q.to(dtype), storage, idx, slots, k, atol=1e-5)
+    exact = torch.einsum("bd,bkd->bk", q.double(), storage[idx].double())
+    assert_rel_close(vals, exact, 1e-5, "vals")
+
+
+@pytest.mark.parametrize("B, D", [(64, 768), (512, 1024), (1024, 768), (1, 768), (100, 13)])
+def test_info_nce_float64(B, D):
+    """Standalone dual-InfoNCE path (one loss): loss and both gradients within 1e-4 of float64."""
+    a = torch.randn(B, D, device=DEV, requires_grad=True)
+    b = torch.randn(B, D, device=DEV, requires_grad=True)
+    ad, bd = a.detach().double().requires_grad_(), b.detach().double().requires_grad_()
+    loss = iscse.info_nce(a, b, backend="triton")
+    ref = R.cos_sim_ce(ad, bd)
+    (2.5 * loss).backward()
+    (2.5 * ref).backward()
+    assert_rel_close(loss, ref, 1e-4, "loss")
+    assert_rel_close(a.grad, ad.grad, 1e-4, "grad a")
+    assert_rel_close(b.grad, bd.grad, 1e-4, "grad b")
+
+
+@pytest.mark.parametrize("B, M, D, k", [(64, 1024, 768, 16), (512, 8192, 1024, 16)])
+def test_bf16_within_twice_torch_bf16_error(B, M, D, k):
+    """bf16 inputs and buffer: the fused step's error against the fp32 reference (same rounded inputs, same
+    neighbours) is at most 2x the error of the reference ops run in bf16."""
+    buf = _full_buffer(M, D, torch.bfloat16)
+    lbuf = buf.rows()
+    z1 = torch.randn(B, D, device=DEV).bfloat16()
+    z2 = torch.randn(B, D, device=DEV).bfloat16()
+    out, g1, g2, idx, _ = _triton_step(z1, z2, buf, k)
+    assert g1.dtype == torch.bfloat16 and g2.dtype == torch.bfloat16 and out.loss.dtype == torch.float32
+    ranks = buf.slots_to_ranks(idx)
+    ref = _reference_with(z1, z2, lbuf.float(), ranks, k, torch.float32)
+    low = _reference_with(z1, z2, lbuf, ranks, k, torch.bfloat16)
+    for name, ours, r, p in (("L_cl", out.contrastive, ref[0], low[0]), ("L_s", out.smooth, ref[1], low[1]),
+                             ("grad z1", g1, ref[2], low[2]), ("grad z2", g2, ref[3], low[3])):
+        err, err_pt = rel_err(ours.float(), r), rel_err(p.float(), r)
+        assert err <= 2 * err_pt + 1e-5, f"{name}: error {err:.3g} > 2 x torch-bf16 error {err_pt:.3g}"
+
+
+def test_cuda_graph_capture_matches_eager():
+    """push + loss + backward captured in a CUDA graph (no host sync inside) and replayed = the eager step."""
+    B, M, D, k = 64, 1024, 768, 16
+    buf = _full_buffer(M, D)
+    state = {key: (v.clone() if torch.is_tensor(v) else v) for key, v in buf.state_dict().items()}
+    z1 = torch.randn(B, D, device=DEV, requires_grad=True)
+    z2 = torch.randn(B, D, device=DEV, requires_grad=True)
+
+    def step():
+        out = iscse.iscse_loss(z1, z2, buf, k=k, backend="triton", return_components=True, check_finite=False)
+        out.loss.backward()
+        return out
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            z1.grad = z2.grad = None
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    z1.grad = z2.grad = None
+    buf.load_state_dict(state)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    buf.load_state_dict(state)  # capture ran the Python side only; restore the pointer for the eager run below
+    new1, new2 = torch.randn(B, D, device=DEV), torch.randn(B, D, device=DEV)
+    with torch.no_grad():
+        z1.copy_(new1)
+        z2.copy_(new2)
+    graph.replay()
+    torch.cuda.synchronize()
+    got = (out.loss.clone(), out.smooth.clone(), z1.grad.clone(), z2.grad.clone(), buf.storage.clone())
+
+    buf.load_state_dict(state)
+    e1, e2 = new1.clone().requires_grad_(), new2.clone().requires_grad_()
+    ref = iscse.iscse_loss(e1, e2, buf, k=k, backend="triton", return_components=True, check_finite=False)
+    ref.loss.backward()
+    assert got[1].item() > 0  # smoothing was on
+    for name, a, b in zip(("loss", "L_s", "grad z1", "grad z2", "buffer"), got,
+                          (ref.loss, ref.smooth, e1.grad, e2.grad, buf.storage)):
+        assert torch.equal(a, b), f"{name}: graph replay differs from eager"
+
+
+def test_million_row_buffer_without_b_by_m_memory():
+    """M = 1,048,576: forward + backward allocate far less than one B x M fp32 matrix (< 64 MiB extra)."""
+    B, M, D, k = 256, 1 << 20, 768, 16
+    buf = _full_buffer(M, D, torch.bfloat16)
+    z1 = torch.randn(B, D, device=DEV, requires_grad=True)
+    z2 = torch.randn(B, D, device=DEV, requires_grad=True)
+    iscse.iscse_loss(z1, z2, buf, k=k, backend="triton", check_finite=False).backward()  # compile, warm up
+    z1.grad = z2.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    out = iscse.iscse_loss(z1, z2, buf, k=k, backend="triton", return_components=True, check_finite=False)
+    out.loss.backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - before
+    assert extra < 64 * 2**20, f"{extra / 2**20:.1f} MiB extra; B x M fp32 would be {B * M * 4 / 2**20:.0f} MiB"
+    assert torch.isfinite(out.loss) and out.smooth.item() > 0
+    assert torch.isfinite(z1.grad).all() and torch.isfinite(z2.grad).all()
+
+
+def test_fused_step_launches_five_kernels():
+    """Forward + backward of the fused losses: kNN, aggregation, two InfoNCE passes, one backward kernel."""
+    from torch.profiler import ProfilerActivity, profile
+
+    B, M, D, k = 64, 1024, 768, 16
+    buf = _full_buffer(M, D)
+    z1 = torch.randn(B, D, device=DEV, requires_grad=True)
+    z2 = torch.randn(B, D, device=DEV, requires_grad=True)
+    q2 = F.normalize(z2, dim=-1).detach()
+    slots = torch.arange(B, device=DEV)
+    backend = triton_ops.TritonBackend()
+    grads = (torch.ones((), device=DEV), torch.full((), 0.1, device=DEV))
+
+    def run(smooth):
+        l_cl, l_s = backend.losses(z1, z2, q2, buf.storage, slots, 0, k=k, temperature=0.05,
+                                   attn_temperature=2.0, smooth=smooth)
+        torch.autograd.backward([l_cl, l_s], list(grads))
+
+    mine = ("_knn_", "_smooth_", "_info_nce_")
+    for smooth, expected in ((True, 5), (False, 3)):
+        run(smooth)  # compile
+        z1.grad = z2.grad = None
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            run(smooth)
+            torch.cuda.synchronize()
+        names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        assert sum(any(m in n for m in mine) for n in names) == expected, names
+        assert len(names) == expected, f"launches other than the fused kernels: {names}"
+        z1.grad = z2.grad = None

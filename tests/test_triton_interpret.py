@@ -1,0 +1,256 @@
+"""The Triton kernels under ``TRITON_INTERPRET=1`` on CPU tensors, against the float64 reference (DESIGN.md §3, §6).
+
+Triton picks interpreter or compiler when it is first imported (its language functions, and ours, are decorated
+then, and some of its modules, imported lazily at the first launch, check that the variable still agrees), so the
+variable must be set before triton's first import and stay set for the whole process. On a machine without a GPU,
+where triton has not been imported yet, this module sets it (unless it is set already) before importing triton; if
+triton was already imported in compiled mode (a GPU machine), the module is skipped and tests/test_triton_gpu.py
+covers the compiled kernels. Shapes are tiny and odd on purpose (B in {1, 5, 33}, D in {13, 96}, k in {1, 7, 16,
+64}, M not a multiple of any block, M = B + k, buffers not yet full, several steps), and every case draws fresh
+inputs (the seed fixture in conftest).
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+if "triton" not in sys.modules and not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton")
+
+import iscse  # noqa: E402
+from iscse import reference as R  # noqa: E402
+from iscse import torch_ops  # noqa: E402
+from iscse import triton_ops  # noqa: E402
+
+from conftest import assert_rel_close, rel_err  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not triton_ops.INTERPRETED,
+                                reason="triton was imported in compiled mode; tests/test_triton_gpu.py covers it")
+
+REPO = Path(__file__).resolve().parents[1]
+RTOL = 1e-4  # fp32 kernels against the float64 reference
+
+
+def _steps(B, M, D, k, steps, *, knn_backend=None):
+    """Run ``steps`` IS-CSE steps with the Triton backend and with the float64 reference; compare every step."""
+    buf = iscse.MemoryBuffer(M, D)
+    lbuf = R.new_buffer(M, D, dtype=torch.float64)
+    smoothed = 0
+    for step in range(steps):
+        z1 = torch.randn(B, D, requires_grad=True)
+        z2 = torch.randn(B, D, requires_grad=True)
+        r1 = z1.detach().double().requires_grad_()
+        r2 = z2.detach().double().requires_grad_()
+        out = iscse.iscse_loss(z1, z2, buf, k=k, backend="triton", knn_backend=knn_backend,
+                               return_components=True)
+        ref = R.iscse_step(r1, r2, lbuf, k=k)
+        lbuf = ref.lbuf
+        # Separate, non-unit upstream gradients for the two components: each must scale its own part.
+        g_cl, g_s = 0.5 + torch.rand(()), 0.5 + torch.rand(())
+        (g_cl * out.contrastive + g_s * out.smooth).backward()
+        (g_cl.double() * ref.contrastive + g_s.double() * ref.smooth).backward()
+        where = f"step {step} (B={B}, M={M}, D={D}, k={k}, full={buf.full})"
+        assert out.loss.dtype == torch.float32
+        assert_rel_close(out.loss, ref.loss, RTOL, f"loss at {where}")
+        assert_rel_close(out.contrastive, ref.contrastive, RTOL, f"L_cl at {where}")
+        assert_rel_close(out.smooth, ref.smooth, RTOL, f"L_s at {where}")
+        assert_rel_close(z1.grad, r1.grad, RTOL, f"grad z1 at {where}")
+        assert_rel_close(z2.grad, r2.grad, RTOL, f"grad z2 at {where}")
+        assert_rel_close(buf.rows(), lbuf, 1e-6, f"buffer at {where}")
+        smoothed += int(buf.full)
+    return smoothed
+
+
+@pytest.mark.parametrize("B, M, D, k, steps", [
+    (1, 9, 13, 1, 10),      # B = 1; full from step 9 on
+    (5, 13, 13, 7, 4),      # M odd, pushes wrap around mid-batch
+    (5, 12, 96, 7, 4),      # M = B + k
+    (5, 37, 96, 1, 9),      # k = 1, not full for 7 steps
+    (33, 70, 13, 7, 3),
+    (33, 40, 96, 7, 3),     # M = B + k
+    (33, 45, 96, 1, 3),
+    (33, 131, 13, 16, 4),   # the paper's k, M not a multiple of the 64-row tiles
+    (5, 69, 13, 64, 14),    # k = 64
+    (1, 20, 96, 7, 21),     # B = 1, D = 96
+])
+def test_iscse_loss_matches_reference(B, M, D, k, steps):
+    """Loss, both components, both input gradients and the buffer, step after step (buffer filling, then full)."""
+    assert _steps(B, M, D, k, steps) >= 1
+
+
+def test_knn_backend_other_than_triton():
+    """``knn_backend="torch"``: neighbours from torch, aggregation and loss from Triton; same numbers."""
+    assert _steps(5, 13, 13, 7, 4, knn_backend="torch") >= 1
+
+
+def _true_topk(q, storage, k, self_slots):
+    sim = q.double() @ storage.double().t()
+    if self_slots is not None:
+        sim[torch.arange(q.shape[0]), self_slots] = float("-inf")
+    return sim, sim.topk(k + 1 if k < sim.shape[1] else k, dim=1)
+
+
+@pytest.mark.parametrize("B, M, D, k, qdt, bdt, self_slots, overrides", [
+    (5, 37, 13, 7, torch.float32, torch.float32, True, {}),
+    (33, 200, 96, 1, torch.float32, torch.float32, True, {}),
+    (1, 9, 13, 7, torch.float32, torch.float32, False, {}),
+    (4, 130, 20, 64, torch.float32, torch.float32, True, {}),
+    (33, 300, 96, 16, torch.bfloat16, torch.bfloat16, True, {}),
+    (5, 77, 13, 16, torch.float16, torch.float32, True, {}),
+    # Small tiles: many chunks, several tiles per chunk, the multi-block merge path.
+    (17, 150, 40, 7, torch.float32, torch.float32, True,
+     dict(BLOCK_B=16, BLOCK_N=16, BLOCK_D=16, chunk=48, BLOCK_C=16)),
+])
+def test_knn_topk_matches_exact(B, M, D, k, qdt, bdt, self_slots, overrides):
+    """Neighbour sets equal the exact (float64) top-k wherever the k-th and (k+1)-th similarities differ by more
+    than 1e-4; the returned values are the exact fp32 dot products, sorted descending; the self slot never appears."""
+    from iscse.kernels.knn_topk import knn_topk
+
+    q = torch.nn.functional.normalize(torch.randn(B, D), dim=1).to(qdt)
+    storage = torch.nn.functional.normalize(torch.randn(M, D), dim=1).to(bdt)
+    slots = torch.randint(0, M, (B,)) if self_slots else None
+    vals, idx = knn_topk(q, storage, k, slots, **overrides)
+    assert vals.dtype == torch.float32 and idx.dtype == torch.int64 and idx.shape == (B, k)
+    # Reference: the query rounded to the buffer dtype (as the kernels and the torch backend search), exact dots.
+    sim, (top_v, top_i) = _true_topk(q.to(bdt), storage, k, slots)
+    got = sim.gather(1, idx)
+    assert torch.allclose(got, top_v[:, :k], atol=1e-5), "chosen neighbours are not the most similar rows"
+    if top_v.shape[1] > k:
+        distinct = (top_v[:, k - 1] - top_v[:, k]) > 1e-4
+        assert torch.equal(idx[distinct].sort(1).values, top_i[distinct, :k].sort(1).values)
+    if slots is not None:
+        assert not (idx == slots[:, None]).any()
+    exact = torch.einsum("bd,bkd->bk", q.double(), storage[idx].double())
+    assert_rel_close(vals, exact, 1e-5, "vals")
+    assert (vals[:, :-1] >= vals[:, 1:] - 1e-6).all(), "vals are not sorted descending"
+
+
+@pytest.mark.parametrize("B, M, D, k, dtype", [(5, 37, 13, 7, torch.float32), (33, 50, 96, 1, torch.float32),
+                                               (4, 70, 20, 64, torch.float32), (6, 30, 13, 7, torch.bfloat16)])
+def test_smooth_matches_torch(B, M, D, k, dtype):
+    """Standalone smooth (given idx and vals) against torch_ops.smooth in float64: z* and grad q."""
+    q = torch.nn.functional.normalize(torch.randn(B, D), dim=1).to(dtype).requires_grad_()
+    storage = torch.nn.functional.normalize(torch.randn(M, D), dim=1).to(dtype)
+    idx = torch.stack([torch.randperm(M)[:k] for _ in range(B)])
+    vals = torch.randn(B, k) * 0.3
+    qd = q.detach().double().requires_grad_()
+    z = triton_ops.smooth(q, storage, idx, vals, 2.0)
+    zd = torch_ops.smooth(qd, storage.double(), idx, vals.double(), 2.0)
+    assert z.dtype == torch.float32
+    assert_rel_close(z, zd, RTOL, "z*")
+    g = torch.randn(B, D)
+    z.backward(g)
+    zd.backward(g.double())
+    assert q.grad.dtype == dtype
+    assert_rel_close(q.grad, qd.grad, RTOL if dtype == torch.float32 else 1e-2, "grad q")
+
+
+@pytest.mark.parametrize("B, D, dtype", [(1, 13, torch.float32), (5, 96, torch.float32), (33, 13, torch.float32),
+                                         (70, 40, torch.float32), (33, 96, torch.bfloat16), (5, 13, torch.float16)])
+def test_info_nce_matches_reference(B, D, dtype):
+    """InfoNCE loss and both gradients against the reference's cosine-similarity cross-entropy in float64 on the
+    same (rounded) inputs; returned grads in the input dtype."""
+    a = torch.randn(B, D).to(dtype).requires_grad_()
+    b = torch.randn(B, D).to(dtype).requires_grad_()
+    ad, bd = a.detach().double().requires_grad_(), b.detach().double().requires_grad_()
+    loss = triton_ops.info_nce(a, b, 0.05)
+    ref = R.cos_sim_ce(ad, bd, 0.05)
+    assert loss.dtype == torch.float32 and loss.shape == ()
+    assert_rel_close(loss, ref, RTOL, "loss")
+    g = 0.5 + torch.rand(())
+    (loss * g).backward()
+    (ref * g.double()).backward()
+    assert a.grad.dtype == dtype and b.grad.dtype == dtype
+    tol = RTOL if dtype == torch.float32 else 1e-2  # the gradients are rounded to the input dtype
+    assert_rel_close(a.grad, ad.grad, tol, "grad a")
+    assert_rel_close(b.grad, bd.grad, tol, "grad b")
+
+
+def test_losses_without_smoothing_returns_zero():
+    """``losses(..., smooth=False)``: ``(L_cl, 0)``; L_s's gradient contributes nothing."""
+    B, M, D = 5, 13, 13
+    z1, z2 = torch.randn(B, D, requires_grad=True), torch.randn(B, D, requires_grad=True)
+    q2 = torch.nn.functional.normalize(z2, dim=1)
+    l_cl, l_s = triton_ops.TritonBackend().losses(z1, z2, q2, torch.randn(M, D), torch.arange(B), 0, k=3,
+                                                  temperature=0.05, attn_temperature=2.0, smooth=False)
+    assert l_s.item() == 0.0
+    assert_rel_close(l_cl, R.cos_sim_ce(z1.double(), z2.double()), RTOL, "L_cl")
+    (l_cl + 3.0 * l_s).backward()
+    d1, d2 = z1.detach().double().requires_grad_(), z2.detach().double().requires_grad_()
+    R.cos_sim_ce(d1, d2).backward()
+    assert_rel_close(z1.grad, d1.grad, RTOL, "grad z1")
+    assert_rel_close(z2.grad, d2.grad, RTOL, "grad z2")
+
+
+def test_two_losses_before_one_backward():
+    """Pushing again before the backward (gradient accumulation) is fine: the neighbour rows are kept, as in the
+    torch backend, which this is compared with in float64."""
+    B, M, D, k = 5, 12, 13, 3
+    rows = torch.nn.functional.normalize(torch.randn(M, D), dim=1)
+    zs = [torch.randn(B, D) for _ in range(4)]
+    grads = {}
+    for backend, dtype in (("triton", torch.float32), ("torch", torch.float64)):
+        buf = iscse.MemoryBuffer(M, D, dtype=dtype)
+        buf.storage.copy_(rows.to(dtype))
+        buf.written = M
+        leaves = [z.detach().to(dtype).clone().requires_grad_() for z in zs]
+        loss = (iscse.iscse_loss(leaves[0], leaves[1], buf, k=k, backend=backend)
+                + 2.0 * iscse.iscse_loss(leaves[2], leaves[3], buf, k=k, backend=backend))
+        loss.backward()
+        grads[backend] = [t.grad for t in leaves]
+    for i, (a, b) in enumerate(zip(grads["triton"], grads["torch"])):
+        assert_rel_close(a, b, RTOL, f"grad of input {i}")
+
+
+def test_deterministic_and_low_precision():
+    """Bit-identical results run to run (no atomics); bf16 inputs and buffer give fp32 losses and bf16 grads close
+    to an fp32 run on the same rounded values."""
+    B, M, D, k = 9, 20, 24, 5
+    rows = torch.nn.functional.normalize(torch.randn(M, D), dim=1)
+    z1, z2 = torch.randn(B, D), torch.randn(B, D)
+    results = []
+    for dtype in (torch.bfloat16, torch.bfloat16, torch.float32):
+        buf = iscse.MemoryBuffer(M, D, dtype=dtype)
+        buf.storage.copy_(rows.to(dtype))
+        buf.written = M
+        a = z1.to(dtype).requires_grad_()
+        b = z2.to(dtype).requires_grad_()
+        out = iscse.iscse_loss(a, b, buf, k=k, backend="triton", return_components=True)
+        out.loss.backward()
+        assert out.loss.dtype == torch.float32 and a.grad.dtype == dtype and b.grad.dtype == dtype
+        results.append((out.loss.detach(), out.smooth.detach(), a.grad, b.grad))
+    assert all(torch.equal(x, y) for x, y in zip(results[0], results[1]))
+    for x, y in zip(results[0], results[2]):
+        assert rel_err(x.float(), y) < 5e-2
+
+
+def test_errors():
+    """float64 and too large k fail loudly, naming what to use instead."""
+    z = torch.randn(4, 8, dtype=torch.float64)
+    with pytest.raises(TypeError, match="backend='torch'"):
+        triton_ops.info_nce(z, z)
+    buf = iscse.MemoryBuffer(400, 8)
+    with pytest.raises(ValueError, match="k <= 256"):
+        iscse.iscse_loss(torch.randn(4, 8), torch.randn(4, 8), buf, k=300, backend="triton")
+    with pytest.raises(TypeError, match="float64"):
+        iscse.knn_topk(z, torch.randn(10, 8, dtype=torch.float64), 3, self_slots=None, backend="triton")
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_sm90():
+    """Every specialisation the launchers use at the paper's shape compiles for sm_90 with Triton's ptxas (no GPU
+    needed), in a subprocess with the compiler (not the interpreter) selected."""
+    import triton
+
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
+        pytest.skip("this triton build has no bundled ptxas")
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_bench.py"), "--compile-only", "--quick"],
+                          capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "0 failed to compile" in proc.stdout
