@@ -20,7 +20,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-__all__ = ["Backend", "get_backend", "resolve_name", "available_backends", "BACKEND_NAMES"]
+__all__ = ["Backend", "get_backend", "resolve_knn", "resolve_name", "available_backends", "BACKEND_NAMES"]
 
 BACKEND_NAMES = ("auto", "reference", "torch", "triton", "faiss")
 
@@ -79,9 +79,12 @@ def resolve_name(name, device: torch.device) -> str:
     return name
 
 
-def get_backend(name: str, device: torch.device) -> Backend:
-    """The backend object for ``name`` (``"auto"`` resolved for ``device``); raises with the extra to install
-    when its optional dependency is missing."""
+def get_backend(name, device: torch.device) -> Backend:
+    """The backend object for ``name`` (``"auto"`` resolved for ``device``), or ``name`` itself when it is already
+    a :class:`Backend` instance (e.g. ``FaissBackend(approximate=True)``); raises with the extra to install when the
+    backend's optional dependency is missing."""
+    if isinstance(name, Backend):
+        return name
     name = resolve_name(name, device)
     if name not in _CACHE:
         module, cls, hint = _REGISTRY[name]
@@ -95,6 +98,29 @@ def get_backend(name: str, device: torch.device) -> Backend:
                               f"install it with: {hint}") from exc
         _CACHE[name] = getattr(mod, cls)()
     return _CACHE[name]
+
+
+def resolve_knn(backend, knn_backend, device: torch.device, size: int, batch: int, dim: int) -> Optional[Backend]:
+    """The backend for the kNN step: ``knn_backend`` when given; under ``backend="auto"`` FAISS where it was measured
+    faster (:func:`iscse.faiss_ops.prefer_faiss`: CPU, ``M >= 16384``, ``B >= 16``) and installed; else None (the
+    main backend's own kNN)."""
+    if knn_backend is not None:
+        return get_backend(knn_backend, device)
+    if isinstance(backend, str) and backend == "auto" and device.type == "cpu" and _faiss_prefers(device, size,
+                                                                                                   batch, dim):
+        return get_backend("faiss", device)
+    return None
+
+
+def _faiss_prefers(device, size, batch, dim) -> bool:
+    if "faiss" not in _CACHE:
+        try:
+            get_backend("faiss", device)
+        except (ImportError, ValueError):
+            return False
+    from .faiss_ops import prefer_faiss
+
+    return prefer_faiss(device, size, batch, dim)
 
 
 def available_backends(device: torch.device | str = "cpu") -> Dict[str, bool]:

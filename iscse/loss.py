@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from . import _validation as V
-from .backends import resolve_name
+from .backends import Backend, resolve_name
 from .buffer import MemoryBuffer
 from .functional import iscse_loss
 
@@ -98,7 +98,7 @@ class ISCSELoss(nn.Module):
         self.attn_temperature = V.check_positive("attn_temperature", attn_temperature)
         self.alpha = alpha if callable(alpha) else V.check_alpha(alpha)
         for name, value in (("backend", backend), ("knn_backend", knn_backend)):
-            if value is not None:
+            if value is not None and not isinstance(value, Backend):
                 resolve_name(value, torch.device("cpu"))  # validates the name
         self.backend, self.knn_backend = backend, knn_backend
         self.check_finite = bool(check_finite)
