@@ -1,7 +1,7 @@
 """Reference vs torch backend on the CPU (pytest-benchmark): one IS-CSE step, forward and forward+backward.
 
 Run: ``pytest bench/test_bench_cpu.py --benchmark-only``. Each row records the peak extra memory of one step
-(``extra_info['peak_extra_mib']``, see cpu_memory.py) and the machine it ran on.
+(``extra_info['peak_extra_mib']``, measured in a fresh process: see cpu_memory.py) and the machine it ran on.
 """
 import datetime
 import os
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import iscse
 from iscse import reference as R
 
-from cpu_memory import peak_extra_bytes
+from cpu_memory import step_peak_mib
 
 SHAPES = [(64, 1024, 768, 16), (64, 65536, 768, 16)]  # (B, M, D, k)
 
@@ -23,7 +23,7 @@ def _full_rows(M, D):
     return F.normalize(torch.randn(M, D), dim=1)
 
 
-def _step_fn(impl, B, M, D, k, backward):
+def step_fn(impl, B, M, D, k, backward):
     z1 = torch.randn(B, D, requires_grad=True)
     z2 = torch.randn(B, D, requires_grad=True)
     if impl == "reference":
@@ -55,13 +55,12 @@ def _step_fn(impl, B, M, D, k, backward):
 @pytest.mark.parametrize("B,M,D,k", SHAPES, ids=[f"B{b}-M{m}-D{d}-k{k}" for b, m, d, k in SHAPES])
 def test_step(benchmark, impl, mode, B, M, D, k):
     torch.manual_seed(0)
-    step = _step_fn(impl, B, M, D, k, backward=mode != "forward")
-    step()  # warm-up
-    peak = peak_extra_bytes(step)
+    step = step_fn(impl, B, M, D, k, backward=mode != "forward")
+    peak = step_peak_mib(impl, B, M, D, k, mode)  # in a fresh process: see cpu_memory.py
     benchmark.group = f"B={B} M={M} D={D} k={k} {mode}"
     benchmark.extra_info.update({
         "impl": impl, "mode": mode, "B": B, "M": M, "D": D, "k": k,
-        "peak_extra_mib": None if peak is None else round(peak / 2**20, 2),
+        "peak_extra_mib": peak,
         "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
         "torch": torch.__version__, "date": datetime.date.today().isoformat(), "cores": os.cpu_count(),
     })
