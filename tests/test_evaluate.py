@@ -80,6 +80,7 @@ def test_data_dir_from_environment(monkeypatch):
     assert sum(len(p) for p in load_sts_task(None, "STS13")) == 1500
 
 
+@needs_data
 def test_bad_task_split_and_mode():
     with pytest.raises(ValueError, match="task"):
         load_sts_task(DATA_DIR, "STS17")
