@@ -52,6 +52,44 @@ _EPS = 1e-12
 
 
 @triton.jit
+def _dot_tiles(
+    # pointers
+    X, Y, Z,
+    # the row and column indices of this tile, their masks, and the width
+    rows, cols, r_mask, c_mask, D,
+    # strides
+    stride_xb, stride_xd, stride_yb, stride_yd, stride_zb, stride_zd,
+    # meta-parameters
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HAS_Z: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """One ``(BLOCK_M, BLOCK_N)`` tile of dot products ``x_rows . y_cols`` (and ``x_rows . z_cols``) streamed over
+    ``D``, with the squared norms of the rows of ``x``, ``y`` and ``z`` it read; shared by both passes."""
+    offs_d = tl.arange(0, BLOCK_D)
+    dot1 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    dot2 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    ssx = tl.zeros([BLOCK_M], tl.float32)
+    ssy = tl.zeros([BLOCK_N], tl.float32)
+    ssz = tl.zeros([BLOCK_N], tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + offs_d
+        d_mask = d < D
+        x = tl.load(X + rows[:, None] * stride_xb + d[None, :] * stride_xd,
+                    mask=r_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+        y = tl.load(Y + cols[:, None] * stride_yb + d[None, :] * stride_yd,
+                    mask=c_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+        dot1 = tl.dot(x, tl.trans(y), dot1, input_precision=PRECISION)
+        ssx += tl.sum(x * x, axis=1)
+        ssy += tl.sum(y * y, axis=1)
+        if HAS_Z:
+            z = tl.load(Z + cols[:, None] * stride_zb + d[None, :] * stride_zd,
+                        mask=c_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+            dot2 = tl.dot(x, tl.trans(z), dot2, input_precision=PRECISION)
+            ssz += tl.sum(z * z, axis=1)
+    return dot1, dot2, ssx, ssy, ssz
+
+
+@triton.jit
 def _info_nce_rows_kernel(
     # pointers
     X, Y, Z, GX1, GX2, STATS,
@@ -83,26 +121,9 @@ def _info_nce_rows_kernel(
     for n0 in range(0, B, BLOCK_N):
         cols = n0 + offs_n
         c_mask = cols < B
-        dot1 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        dot2 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        ssx = tl.zeros([BLOCK_M], tl.float32)
-        ssy = tl.zeros([BLOCK_N], tl.float32)
-        ssz = tl.zeros([BLOCK_N], tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            d = d0 + offs_d
-            d_mask = d < D
-            x = tl.load(X + rows[:, None] * stride_xb + d[None, :] * stride_xd,
-                        mask=r_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
-            y = tl.load(Y + cols[:, None] * stride_yb + d[None, :] * stride_yd,
-                        mask=c_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
-            dot1 = tl.dot(x, tl.trans(y), dot1, input_precision=PRECISION)
-            ssx += tl.sum(x * x, axis=1)
-            ssy += tl.sum(y * y, axis=1)
-            if HAS_Z:
-                z = tl.load(Z + cols[:, None] * stride_zb + d[None, :] * stride_zd,
-                            mask=c_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
-                dot2 = tl.dot(x, tl.trans(z), dot2, input_precision=PRECISION)
-                ssz += tl.sum(z * z, axis=1)
+        dot1, dot2, ssx, ssy, ssz = _dot_tiles(
+            X, Y, Z, rows, cols, r_mask, c_mask, D, stride_xb, stride_xd, stride_yb, stride_yd, stride_zb, stride_zd,
+            BLOCK_M, BLOCK_N, BLOCK_D, HAS_Z, PRECISION)
         rx = 1.0 / tl.maximum(tl.sqrt(ssx), eps)
         ry = 1.0 / tl.maximum(tl.sqrt(ssy), eps)
         eye = rows[:, None] == cols[None, :]
@@ -211,26 +232,9 @@ def _info_nce_cols_kernel(
     for m0 in range(0, B, BLOCK_M):
         rows = m0 + offs_m
         r_mask = rows < B
-        dot1 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        dot2 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        ssx = tl.zeros([BLOCK_M], tl.float32)
-        ssy = tl.zeros([BLOCK_N], tl.float32)
-        ssz = tl.zeros([BLOCK_N], tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            d = d0 + offs_d
-            d_mask = d < D
-            x = tl.load(X + rows[:, None] * stride_xb + d[None, :] * stride_xd,
-                        mask=r_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
-            y = tl.load(Y + cols[:, None] * stride_yb + d[None, :] * stride_yd,
-                        mask=c_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
-            dot1 = tl.dot(x, tl.trans(y), dot1, input_precision=PRECISION)
-            ssx += tl.sum(x * x, axis=1)
-            ssy += tl.sum(y * y, axis=1)
-            if HAS_Z:
-                z = tl.load(Z + cols[:, None] * stride_zb + d[None, :] * stride_zd,
-                            mask=c_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
-                dot2 = tl.dot(x, tl.trans(z), dot2, input_precision=PRECISION)
-                ssz += tl.sum(z * z, axis=1)
+        dot1, dot2, ssx, ssy, ssz = _dot_tiles(
+            X, Y, Z, rows, cols, r_mask, c_mask, D, stride_xb, stride_xd, stride_yb, stride_yd, stride_zb, stride_zd,
+            BLOCK_M, BLOCK_N, BLOCK_D, HAS_Z, PRECISION)
         rx = 1.0 / tl.maximum(tl.sqrt(ssx), eps)
         ry = 1.0 / tl.maximum(tl.sqrt(ssy), eps)
         eye = rows[:, None] == cols[None, :]
