@@ -2,28 +2,42 @@
 
 Run on a CUDA machine from the repository root (bench/device_check.sh calls it)::
 
-    python bench/gpu_bench.py --out "$OUT"
+    python bench/gpu_bench.py --out "$OUT"                               # the default plan below, ~6 minutes
+    python bench/gpu_bench.py --shapes 64x1024x768x16 --impls reference,triton --no-precision
 
-For each (B, M, D, k) in :data:`SHAPES` and dtype (fp32 everywhere; bf16 embeddings + bf16 buffer at the large
-shapes): forward, backward and forward+backward of one step (push + ``L_cl + alpha L_s``) timed with
-``triton.testing.do_bench`` (median, 20th and 80th percentiles), peak extra memory (``max_memory_allocated`` minus
-the allocation before the call), CUDA kernel launches of one forward+backward (torch.profiler, device-side events),
-per-kernel device time of the Triton step, and the roofline floor ``max(bytes / copy bandwidth, 2 B M D / bf16
-matmul rate)`` with ``bytes = M D (buffer dtype) + small`` and both rates measured on this card first. The Triton
-step is also timed as a CUDA graph (push + loss + backward captured once, replayed). Each configuration is
-time-boxed and a global budget (``--budget``) is kept: what does not fit, OOMs or would be extremely slow is skipped
-with a note. First, a short study of the fp32 ``tl.dot`` precision options (tf32x3, bf16x3, tf32, ieee) for the kNN
-and the dual InfoNCE: time and error against float64, to choose the default on a real card. Writes
-``gpu_bench.json`` under ``--out`` (default ``$OUT``, else ``./out``) with the card, driver, versions, date, rates,
-precision study, rows and notes (rewritten after every configuration), and prints a table.
+The plan is a list of items measured in order of value, each bounded in time (warm-up and compiles included), with
+``gpu_bench.json`` rewritten after every item, so a run cut short keeps what it measured:
+
+(a) (B, M, D, k) = (512, 65536, 1024, 16) in bf16 and fp32; (b) the paper's (64, 1024, 768, 16) in fp32;
+(c) (1024, 1048576, 768, 16) in bf16 and fp32 (peak extra memory matters most there): for each, the Triton step,
+the reference, the torch backend, then the Triton step captured in a CUDA graph; (d) a short study of the fp32
+``tl.dot`` precisions (tf32x3, bf16x3, tf32, ieee) of the kNN and the dual InfoNCE (time and error against float64),
+and last ``torch.compile(reference)`` (paper's shape first): its warm-up is unbounded and it recompiles per shape.
+
+An item is one implementation at one shape and dtype: forward+backward, forward and backward of one step (push +
+``L_cl + alpha L_s``), each timed with ``triton.testing.do_bench`` after warm-up (median, 20th and 80th percentiles;
+a step over 2 s is timed once), peak extra memory (``max_memory_allocated`` minus the allocation before the call),
+CUDA launches of one forward+backward (torch.profiler, device-side events; per-kernel device time for the Triton
+step), the first step's time (Triton's or Inductor's compile included), and the roofline floor of each mode beside
+each figure: ``max(bytes / copy bandwidth, FLOPs / bf16 matmul rate)`` with both rates measured on this card first
+(the bf16 rate for every dtype: a lower bound). The JSON carries the card, driver, CUDA, torch, triton, Python and
+the date.
+
+Time bounds: the items run in a worker process. An item that passes its limit (:data:`ITEM_LIMIT_S`, or
+``--item-limit``) is interrupted by an alarm in the worker, which then exits, and a fresh worker takes the next item;
+a worker that does not react (a kernel or a compiler that never returns) is killed :data:`GRACE_S` later. A CUDA
+error that poisons the context also moves on to a fresh worker. ``--budget`` bounds the whole run; Ctrl-C (SIGINT,
+as ``timeout -s INT`` sends) stops it, writes the JSON and prints the table.
 
 Other modes (no GPU needed):
 
 - ``--compile-only``: compile every Triton kernel specialisation that the launchers would use at the benchmark
   shapes (and a few odd ones) for ``sm_<arch>`` with Triton's bundled ptxas, and print registers / spills / shared
   memory per kernel. Exit status 1 if any fails to compile. Runs the launchers' own code on ``meta`` tensors.
-- ``--cpu-smoke``: the whole driver on tiny shapes on CPU with ``TRITON_INTERPRET=1`` (wall-clock timing instead
-  of do_bench, no profiler counts): checks the script end to end before a GPU run.
+- ``--cpu-smoke`` (or ``--dry-run``): the whole driver, worker processes and time bounds included, on tiny shapes on
+  CPU with ``TRITON_INTERPRET=1`` (wall-clock timing instead of do_bench, no profiler counts, no CUDA graph,
+  ``torch.compile`` with its ``eager`` backend): checks the script end to end before a GPU run.
+- ``--list``: print the plan (items and their time limits) and exit.
 """
 from __future__ import annotations
 
@@ -204,11 +218,104 @@ def compile_only(arch: int = 90, quick: bool = False) -> int:
 # the benchmark
 # --------------------------------------------------------------------------------------------------------------
 
+#: The default plan's shapes, in order of value: (a) a large batch and buffer, (b) the paper's setting, (c) a buffer
+#: of 1,048,576 rows. Measured in bf16 and fp32 where M >= 65536, in fp32 below.
+PLAN_SHAPES = [(512, 65536, 1024, 16), (64, 1024, 768, 16), (1024, 1048576, 768, 16)]
+PAPER_SHAPE = (64, 1024, 768, 16)
+#: Within one (shape, dtype), in order of value: does the fused path run, the baseline, the torch backend, the graph.
+STEP_IMPLS = ("triton", "reference", "torch", "triton_graph")
+#: Seconds one item may take, warm-up and compiles included ("huge": M > 65536). Estimates on an H100 (none
+#: measured yet): a step item 3-10 s with warm kernels, plus up to ~30 s when its Triton kernels compile first; an
+#: M = 1,048,576 item 5-20 s (the reference's full argsort of B x M); the precision study 20-40 s (eight kernel
+#: specialisations compile); torch.compile 30-90 s per shape with a cold Inductor cache.
+ITEM_LIMIT_S = {"step": 45.0, "huge": 75.0, "precision": 60.0, "compile": 150.0}
+#: Seconds after an item's limit before the worker is killed (it did not react to the alarm).
+GRACE_S = 15.0
+PRECISION_SHAPE = (512, 65536, 1024, 16)
+SMOKE_PRECISION_SHAPE = (9, 40, 32, 5)
+_DTYPES = ("fp32", "bf16")
+
+
+class _ItemTimeout(BaseException):
+    """Raised in the worker by its alarm when an item passes its limit (a BaseException: no ``except Exception``
+    on the way swallows it)."""
+
+
+def parse_shapes(text: str) -> list:
+    """``"512x65536x1024x16,64x1024x768x16"`` -> ``[(512, 65536, 1024, 16), (64, 1024, 768, 16)]`` (B x M x D x k).
+
+    Raises ``ValueError`` naming the bad entry."""
+    shapes = []
+    for part in str(text).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            vals = tuple(int(f) for f in part.lower().split("x"))
+        except ValueError:
+            vals = ()
+        if len(vals) != 4 or min(vals) < 1:
+            raise ValueError(f"--shapes: {part!r} is not BxMxDxk, four positive integers (e.g. 64x1024x768x16)")
+        B, M, D, k = vals
+        if B > M or k > M - 1:
+            raise ValueError(f"--shapes: {part!r} needs B <= M and k <= M - 1")
+        shapes.append(vals)
+    if not shapes:
+        raise ValueError("--shapes: no shape given (e.g. 64x1024x768x16)")
+    return shapes
+
+
+def parse_choices(text: str, choices, flag: str) -> tuple:
+    """A comma-separated subset of ``choices`` (order kept, duplicates dropped); ``ValueError`` names the bad one."""
+    out = []
+    for part in str(text).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if part not in choices:
+            raise ValueError(f"{flag}: unknown {part!r}; choose from {','.join(choices)}")
+        if part not in out:
+            out.append(part)
+    return tuple(out)
+
+
+def plan_items(shapes, impls=IMPLS, dtypes=None, precision=True, smoke=False, item_limit=None) -> list:
+    """The items to measure, in order of value (see the module docstring).
+
+    ``dtypes`` None: bf16 and fp32 where M >= 65536, fp32 below (and for torch.compile). ``smoke``: no CUDA graph.
+    A torch.compile item comes after the reference at its shape and dtype, which is added when the plan lacks it, so
+    that both are timed in the same worker process. Each item is a dict: ``id``, ``kind`` ("step" or
+    "precision"), ``impl``, ``shape``, ``dtype``, ``limit_s``."""
+    items = []
+
+    def add(kind, impl=None, shape=None, dtype=None, limit="step"):
+        name = "precision study" if kind == "precision" else f"{impl} {'x'.join(map(str, shape))} {dtype}"
+        items.append(dict(id=name, kind=kind, impl=impl, shape=list(shape) if shape else None, dtype=dtype,
+                          limit_s=float(item_limit or ITEM_LIMIT_S[limit])))
+
+    for shape in shapes:
+        for dtype in dtypes or (("bf16", "fp32") if shape[1] >= 65536 else ("fp32",)):
+            for impl in STEP_IMPLS:
+                if impl in impls and not (smoke and impl == "triton_graph"):
+                    add("step", impl, shape, dtype, "huge" if shape[1] > 65536 else "step")
+    if precision:
+        add("precision", limit="precision")
+    if "compile" in impls:
+        # Not above M = 65536: the compiled reference still materialises B x M similarities and their argsort.
+        for shape in sorted((s for s in shapes if s[1] <= 65536), key=lambda s: tuple(s) != PAPER_SHAPE):
+            for dtype in dtypes or ("fp32",):
+                if not any(it["impl"] == "reference" and it["shape"] == list(shape) and it["dtype"] == dtype
+                           for it in items):  # its baseline in the same process (a few seconds)
+                    add("step", "reference", shape, dtype, "step")
+                add("step", "compile", shape, dtype, "compile")
+    return items
+
+
 def _versions():
     import torch
 
     info = {"torch": torch.__version__, "python": platform.python_version(),
-            "date": datetime.datetime.now().isoformat(timespec="seconds")}
+            "date": datetime.datetime.now().isoformat(timespec="seconds"), "cpu_count": os.cpu_count()}
     try:
         import triton
 
@@ -217,14 +324,13 @@ def _versions():
         info["triton"] = None
     if torch.cuda.is_available():
         info["device"] = torch.cuda.get_device_name()
+        info["capability"] = "sm_%d%d" % torch.cuda.get_device_capability()
         info["cuda"] = torch.version.cuda
         try:
             info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
                                             capture_output=True, text=True, timeout=20).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             info["driver"] = None
-    else:
-        info["device"] = "cpu (TRITON_INTERPRET smoke run)"
     return info
 
 
@@ -272,11 +378,23 @@ def measure_rates(timer: Timer, cuda: bool) -> dict:
     return {"copy_bytes_per_s": bw, "bf16_flops_per_s": rate}
 
 
-def precision_study(timer: Timer) -> list:
-    """fp32 ``tl.dot`` precision options for the kNN at (512, 65536, 1024, 16) and the dual InfoNCE at B = 512,
-    D = 1024: time, and error against float64 (kNN: how far the chosen neighbours' exact similarities are from the
-    exact top-k, i.e. the largest similarity gap that a precision error could have swapped; InfoNCE: relative error
-    of both losses and of dL/dz1). For choosing the default precision on a real card."""
+def floors_ms(B, M, D, k, elem, rates) -> dict:
+    """Roofline floor (ms) of each mode: ``max(bytes / copy bandwidth, FLOPs / bf16 matmul rate)``.
+
+    Forward reads the buffer once (the kNN's ``2 B M D`` FLOPs) and the ``k`` neighbours of each row, and forms the
+    two ``B x B`` logit matrices; backward forms the InfoNCE gradients (four ``B x B x D`` products) and the
+    aggregation's (``B k D``). Small terms (``B x D`` reads and writes) are counted as bytes."""
+    bw, rate = rates["copy_bytes_per_s"], rates["bf16_flops_per_s"]
+    fwd = max((M * D + B * k * D + 4 * B * D) * elem / bw, (2 * B * M * D + 4 * B * B * D) / rate)
+    bwd = max((B * k * D + 6 * B * D) * elem / bw, (8 * B * B * D + 4 * B * k * D) / rate)
+    return {"forward": fwd * 1e3, "backward": bwd * 1e3, "fwd+bwd": (fwd + bwd) * 1e3}
+
+
+def precision_study(timer: Timer, cuda: bool, rows: list) -> None:
+    """fp32 ``tl.dot`` precision options for the kNN at :data:`PRECISION_SHAPE` and the dual InfoNCE at its B and D:
+    time, and error against float64 (kNN: how far the chosen neighbours' exact similarities are from the exact
+    top-k, i.e. the largest similarity gap that a precision error could have swapped; InfoNCE: relative error of
+    both losses and of dL/dz1). For choosing the default precision on a real card. Appends to ``rows``."""
     import torch
     import torch.nn.functional as F
 
@@ -284,13 +402,13 @@ def precision_study(timer: Timer) -> list:
     from iscse.kernels.info_nce import info_nce_forward
     from iscse.kernels.knn_topk import knn_topk
 
-    rows = []
-    B, M, D, k = 512, 65536, 1024, 16
-    buf = F.normalize(torch.randn(M, D, device="cuda"), dim=1)
-    q = F.normalize(torch.randn(B, D, device="cuda"), dim=1)
-    slots = torch.randint(0, M, (B,), device="cuda")
+    dev = "cuda" if cuda else "cpu"
+    B, M, D, k = PRECISION_SHAPE if cuda else SMOKE_PRECISION_SHAPE
+    buf = F.normalize(torch.randn(M, D, device=dev), dim=1)
+    q = F.normalize(torch.randn(B, D, device=dev), dim=1)
+    slots = torch.randint(0, M, (B,), device=dev)
     sim = q.double() @ buf.double().t()
-    sim[torch.arange(B, device="cuda"), slots] = float("-inf")
+    sim[torch.arange(B, device=dev), slots] = float("-inf")
     best = sim.topk(k, dim=1).values
     for prec in ("tf32x3", "bf16x3", "tf32", "ieee"):
         try:
@@ -302,7 +420,7 @@ def precision_study(timer: Timer) -> list:
         except Exception as exc:  # a precision this triton does not support on this card
             rows.append(dict(op="knn_topk", precision=prec, error=f"{type(exc).__name__}: {str(exc)[:200]}"))
     del buf, sim
-    x, y, z = (torch.randn(B, D, device="cuda") for _ in range(3))
+    x, y, z = (torch.randn(B, D, device=dev) for _ in range(3))
     xd, yd, zd = (t.double().requires_grad_() for t in (x, y, z))
     l1, l2 = R.cos_sim_ce(xd, yd), R.cos_sim_ce(xd, zd)
     g1 = torch.autograd.grad(l1, xd)[0]
@@ -316,10 +434,8 @@ def precision_study(timer: Timer) -> list:
                              rel_err_grad_z1=float((out[2].double() - g1).abs().max() / g1.abs().max())))
         except Exception as exc:
             rows.append(dict(op="info_nce(dual)", precision=prec, error=f"{type(exc).__name__}: {str(exc)[:200]}"))
-    torch.cuda.empty_cache()
     for r in rows:
         print("  precision:", {k_: (round(v, 6) if isinstance(v, float) else v) for k_, v in r.items()}, flush=True)
-    return rows
 
 
 def _count_launches(fn):
@@ -347,7 +463,7 @@ def _fused_kernel(name: str) -> bool:
                                    "_smooth_bwd_kernel", "_info_nce_rows_kernel", "_info_nce_cols_kernel"))
 
 
-def _make_step(impl, B, M, D, k, dtype, device, compiled_cache):
+def _make_step(impl, B, M, D, k, dtype, device, compile_backend):
     """``(step, leaves)``: ``step()`` runs one IS-CSE step and returns the loss; ``leaves`` are ``z1, z2``."""
     import torch
     import torch.nn.functional as F
@@ -360,17 +476,18 @@ def _make_step(impl, B, M, D, k, dtype, device, compiled_cache):
     rows = F.normalize(torch.randn(M, D, device=device), dim=1)
     if impl in ("reference", "compile"):
         lbuf = rows.to(dtype)
+        del rows
         fn = R.iscse_step
         if impl == "compile":
-            if "fn" not in compiled_cache:
-                compiled_cache["fn"] = torch.compile(R.iscse_step)
-            fn = compiled_cache["fn"]
+            torch._dynamo.reset()  # a cold compile each time: its cost is part of the item
+            fn = torch.compile(R.iscse_step, dynamic=False, backend=compile_backend)
 
         def step():
             return fn(z1, z2, lbuf, k=k).loss
         return step, (z1, z2)
     buf = iscse.MemoryBuffer(M, D, dtype=dtype, device=device)
     buf.storage.copy_(rows.to(dtype))
+    del rows
     buf.written = M  # full: smoothing on
     backend = "triton" if impl.startswith("triton") else "torch"
 
@@ -399,112 +516,314 @@ def _graph_step(step, leaves):
     return graph.replay
 
 
-def bench_config(impl, shape, dtype_name, timer, rates, cuda, deadline, compiled_cache):
-    """Rows (one per mode) for one implementation at one shape and dtype; notes on what was skipped."""
+def bench_step(item, timer, rates, cuda, deadline, rows, notes, compile_backend="inductor"):
+    """Measure one step item (one implementation at one shape and dtype), appending to ``rows`` and ``notes`` as it
+    goes (an interrupted item keeps the modes it finished). Checks ``deadline`` between phases."""
     import torch
 
-    B, M, D, k = shape
+    impl, (B, M, D, k), dtype_name = item["impl"], item["shape"], item["dtype"]
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
-    device = "cuda" if cuda else "cpu"
     elem = torch.finfo(dtype).bits // 8
-    bytes_read = M * D * elem + 8 * B * D * elem
-    flops = 2 * B * M * D
-    floor_ms = max(bytes_read / rates["copy_bytes_per_s"], flops / rates["bf16_flops_per_s"]) * 1e3
-    base = {"impl": impl, "B": B, "M": M, "D": D, "k": k, "dtype": dtype_name, "floor_ms": floor_ms}
-    rows, notes = [], []
-    try:
-        step, leaves = _make_step(impl, B, M, D, k, dtype, device, compiled_cache)
-        t0 = time.perf_counter()
-        step().backward()  # warm-up: compiles Triton kernels / torch.compile graphs
-        if cuda:
-            torch.cuda.synchronize()
-        first_s = time.perf_counter() - t0
-        if impl == "compile":
-            base["compile_s"] = first_s
-        t0 = time.perf_counter()
+    floors = floors_ms(B, M, D, k, elem, rates)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    base = {"impl": impl, "B": B, "M": M, "D": D, "k": k, "dtype": dtype_name}
+    mine = []  # this item's rows, to annotate with memory and launches at the end
+
+    def check(phase):
+        if time.time() > deadline:
+            raise _ItemTimeout(phase)
+
+    def clear():
         for t in leaves:
             t.grad = None
+
+    step, leaves = _make_step(impl, B, M, D, k, dtype, "cuda" if cuda else "cpu", compile_backend)
+    t0 = time.perf_counter()
+    step().backward()  # warm-up: compiles Triton kernels / torch.compile graphs
+    sync()
+    base["first_step_s"] = round(time.perf_counter() - t0, 3)
+    check("after the first step")
+    clear()
+    t0 = time.perf_counter()
+    step().backward()
+    sync()
+    once_s = time.perf_counter() - t0
+    once = once_s > 2.0
+    if once:
+        notes.append(f"{item['id']}: one step takes {once_s:.1f}s; timed once, not with do_bench")
+    rep = 100 if once_s < 0.05 else max(3 * once_s * 1e3, 100)
+
+    def measure(mode, fn):
+        check(f"before {mode}")
+        if once:
+            clear()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            med = p20 = p80 = (time.perf_counter() - t0) * 1e3
+        else:
+            med, p20, p80 = timer.time(fn, grad_to_none=list(leaves), rep=rep)
+        row = dict(base, mode=mode, median_ms=med, p20_ms=p20, p80_ms=p80, floor_ms=floors[mode],
+                   x_floor=med / floors[mode])
+        rows.append(row)
+        mine.append(row)
+
+    if impl == "triton_graph":
+        if not cuda:
+            notes.append(f"{item['id']}: CUDA graphs need a GPU; skipped")
+            return
+        measure("fwd+bwd", _graph_step(step, leaves))
+        return
+    measure("fwd+bwd", lambda: step().backward())
+    measure("forward", step)
+    if not once:
+        loss = step()
+        try:
+            measure("backward", lambda: loss.backward(retain_graph=True))
+        except RuntimeError as exc:  # e.g. a compiled backward that does not allow retain_graph
+            notes.append(f"{item['id']}: backward alone not timed ({str(exc)[:160]})")
+        del loss
+    if cuda:
+        check("before the memory and launch counts")
+        clear()
+        sync()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
         step().backward()
-        if cuda:
-            torch.cuda.synchronize()
-        once_s = time.perf_counter() - t0
-        if once_s > 2.0:
-            notes.append(f"{impl} {shape} {dtype_name}: one step takes {once_s:.1f}s; timed once, not with do_bench")
-        if time.time() + 20 * once_s > deadline:
-            notes.append(f"{impl} {shape} {dtype_name}: skipped (time budget)")
-            return rows, notes
-        rep = 100 if once_s < 0.05 else max(3 * once_s * 1e3, 100)
-        if impl == "triton_graph":
-            if not cuda:
-                return rows, notes
-            replay = _graph_step(step, leaves)
-            med, p20, p80 = timer.time(replay, rep=rep)
-            rows.append(dict(base, mode="fwd+bwd", median_ms=med, p20_ms=p20, p80_ms=p80))
-            return rows, notes
-        modes = {"forward": lambda: step(), "fwd+bwd": lambda: step().backward()}
-        for mode, fn in modes.items():
-            if once_s > 2.0:
-                t0 = time.perf_counter()
-                fn()
-                if cuda:
-                    torch.cuda.synchronize()
-                med = p20 = p80 = (time.perf_counter() - t0) * 1e3
-            else:
-                med, p20, p80 = timer.time(fn, grad_to_none=list(leaves), rep=rep)
-            rows.append(dict(base, mode=mode, median_ms=med, p20_ms=p20, p80_ms=p80))
-        if once_s <= 2.0:
-            loss = step()
-            try:
-                med, p20, p80 = timer.time(lambda: loss.backward(retain_graph=True), grad_to_none=list(leaves),
-                                           rep=rep)
-                rows.append(dict(base, mode="backward", median_ms=med, p20_ms=p20, p80_ms=p80))
-            except RuntimeError as exc:  # e.g. a compiled backward that does not allow retain_graph
-                notes.append(f"{impl} {shape} {dtype_name}: backward alone not timed ({str(exc)[:160]})")
-            del loss
-        if cuda:
-            for t in leaves:
-                t.grad = None
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated()
-            step().backward()
-            torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated() - before
-            names, ktimes = _count_launches(lambda: step().backward())
-            for r in rows:
-                r["peak_extra_bytes"] = peak
-                r["launches_step"] = len(names)
-                r["launches_fused"] = sum(map(_fused_kernel, names))
+        sync()
+        peak = torch.cuda.max_memory_allocated() - before
+        clear()
+        names, ktimes = _count_launches(lambda: step().backward())
+        for r in mine:
+            r["peak_extra_bytes"] = peak
+            r["launches_step"] = len(names)
+            r["launches_fused"] = sum(map(_fused_kernel, names))
             if impl == "triton":
-                for r in rows:
-                    r["kernel_us"] = {n: round(t, 2) for n, t in sorted(ktimes.items(), key=lambda x: -x[1])}
-    except torch.cuda.OutOfMemoryError as exc:
-        notes.append(f"{impl} {shape} {dtype_name}: out of memory ({str(exc).splitlines()[0][:120]})")
-    except Exception as exc:  # keep going: one failing configuration must not lose the others
-        notes.append(f"{impl} {shape} {dtype_name}: {type(exc).__name__}: {str(exc)[:300]}")
-    finally:
-        if cuda:
+                r["kernel_us"] = {n: round(t, 2) for n, t in sorted(ktimes.items(), key=lambda x: -x[1])}
+
+
+def _cuda_broken() -> bool:
+    """True when the CUDA context no longer works (an illegal access poisons it for the rest of the process)."""
+    import torch
+
+    try:
+        torch.cuda.synchronize()
+        return torch.ones(1, device="cuda").add_(1).item() != 2.0
+    except Exception:
+        return True
+
+
+def _exit_with_parent() -> None:
+    """End this worker when the supervising process dies (killed by ``timeout -k``): a daemon thread polls the
+    parent id, so an orphaned worker never keeps the GPU busy under the next step."""
+    import threading
+
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _worker(plan_path: str) -> int:
+    """Measure ``plan["todo"]`` items in order, reporting each as JSON lines to ``plan["events"]``; returns 3 after
+    an item that timed out or broke the CUDA context (the supervisor starts a fresh worker for the rest)."""
+    import signal
+
+    plan = json.loads(Path(plan_path).read_text())
+    _exit_with_parent()
+    events = open(plan["events"], "a", encoding="utf-8")
+
+    def emit(**event):
+        events.write(json.dumps(event) + "\n")
+        events.flush()
+
+    import torch
+
+    smoke = plan["smoke"]
+    cuda = torch.cuda.is_available() and not smoke
+    if not smoke and not cuda:
+        print("gpu_bench.py: error: no CUDA device; --cpu-smoke checks the script on CPU", file=sys.stderr)
+        return 2
+    timer = Timer(cuda)
+    env = _versions()
+    if not cuda:
+        env["device"] = "cpu (TRITON_INTERPRET smoke run)"
+    rates = plan.get("rates") or measure_rates(timer, cuda)
+    emit(event="env", env=env, rates=rates)
+
+    def on_alarm(signum, frame):
+        raise _ItemTimeout("item limit")
+
+    signal.signal(signal.SIGALRM, on_alarm)
+    for i in plan["todo"]:
+        item = plan["items"][i]
+        start = time.time()
+        limit = min(item["limit_s"], plan["deadline"] - start)
+        if limit < 1.0:
+            emit(event="done", i=i, status="not run (budget spent)", seconds=0.0, rows=[], notes=[])
+            continue
+        emit(event="start", i=i, t=start, limit=limit)
+        rows, notes, status = [], [], "ok"
+        try:
+            signal.setitimer(signal.ITIMER_REAL, limit)
+            if item["kind"] == "precision":
+                precision_study(timer, cuda, rows)
+            else:
+                bench_step(item, timer, rates, cuda, start + limit, rows, notes, plan["compile_backend"])
+        except _ItemTimeout as exc:
+            status = "timeout"
+            notes.append(f"{item['id']}: stopped at its limit of {limit:.3g}s ({exc}); rows measured before are "
+                         "kept")
+        except Exception as exc:  # one failing item must not lose the others
+            status = "oom" if isinstance(exc, torch.cuda.OutOfMemoryError) else "error"
+            notes.append(f"{item['id']}: {type(exc).__name__}: {str(exc)[:400]}")
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+        if cuda and status == "error" and _cuda_broken():
+            status = "cuda_error"
+        if cuda and status != "cuda_error":
             torch.cuda.empty_cache()
-    return rows, notes
+        emit(event="done", i=i, status=status, seconds=round(time.time() - start, 2), rows=rows, notes=notes)
+        fb = next((r["median_ms"] for r in rows if r.get("mode") == "fwd+bwd"), None)
+        print(f"  [{i + 1}/{len(plan['items'])}] {item['id']}: {status}, {time.time() - start:.1f}s"
+              + (f", fwd+bwd {fb:.4f} ms" if fb is not None else "") + "".join(f"\n    note: {n}" for n in notes),
+              flush=True)
+        if status in ("timeout", "cuda_error"):
+            return 3
+    return 0
 
 
-def _configs(shapes, smoke):
-    """(shape, dtype, impls): fp32 everywhere, bf16 at the large shapes; torch.compile at fp32 up to M = 65536."""
-    out = []
-    for shape in shapes:
-        big = shape[1] >= 65536
-        for dtype in (("fp32", "bf16") if (big or smoke) else ("fp32",)):
-            impls = list(IMPLS)
-            if shape[1] > 65536 or dtype == "bf16" or smoke:  # compile time: fp32 only, no smoke (no C++ needed)
-                impls.remove("compile")
-            if smoke:
-                impls.remove("triton_graph")
-            out.append((shape, dtype, impls))
-    return out
+def _read_events(path: Path, offset: int):
+    """New complete JSON lines of ``path`` from ``offset``: ``(events, new_offset)``."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read()
+    except FileNotFoundError:
+        return [], offset
+    end = data.rfind(b"\n") + 1
+    return [json.loads(line) for line in data[:end].splitlines() if line.strip()], offset + end
+
+
+def run(items, json_path: Path, budget_s: float, smoke: bool, compile_backend: str) -> dict:
+    """Measure ``items`` in worker processes within ``budget_s`` seconds; write and return the JSON document."""
+    import signal
+
+    doc = {"script": "bench/gpu_bench.py", "argv": sys.argv[1:], "budget_s": budget_s,
+           "timer": "wall clock (smoke)" if smoke else "triton.testing.do_bench (median, 20th/80th percentiles)",
+           "items": [dict(it, status="pending") for it in items], "rows": [], "precision": [], "notes": []}
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+
+    def save():
+        json_path.write_text(json.dumps(doc, indent=1))
+
+    save()
+    deadline = time.time() + budget_s
+    tmp = Path(tempfile.mkdtemp(prefix="gpu_bench_"))
+    rates, proc, current, attempt = None, None, None, 0
+    env = dict(os.environ)
+    if smoke:
+        env["TRITON_INTERPRET"] = "1"  # before triton is imported (the interpreter is chosen at import)
+
+    def handle(event):
+        nonlocal rates, current
+        if event["event"] == "env":
+            if rates is None:
+                doc.update(event["env"])
+                doc["rates"] = rates = event["rates"]
+                print(f"{doc.get('device')} | torch {doc['torch']} | triton {doc['triton']} | copy "
+                      f"{rates['copy_bytes_per_s'] / 1e9:.0f} GB/s | bf16 matmul "
+                      f"{rates['bf16_flops_per_s'] / 1e12:.0f} TFLOP/s", flush=True)
+        elif event["event"] == "start":
+            current = event
+            doc["items"][event["i"]]["status"] = "running"
+        elif event["event"] == "done":
+            current = None
+            it = doc["items"][event["i"]]
+            it["status"], it["seconds"], it["worker"] = event["status"], event["seconds"], attempt
+            for row in event["rows"]:
+                row["worker"] = attempt  # rows with the same number were timed in the same process
+            (doc["precision"] if it["kind"] == "precision" else doc["rows"]).extend(event["rows"])
+            doc["notes"].extend(event["notes"])
+            save()
+
+    def stop_worker():
+        # The worker leads its own session: this ends it and whatever it started (compiler processes) that is left.
+        nonlocal proc
+        if proc is None:
+            return
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):  # the worker and all its children have exited
+            pass
+        proc.wait()
+        proc = None
+
+    try:
+        while True:
+            todo = [i for i, it in enumerate(doc["items"]) if it["status"] == "pending"]
+            if not todo or deadline - time.time() < 2.0:
+                break
+            attempt += 1
+            events = tmp / f"events{attempt}.jsonl"
+            plan = {"items": items, "todo": todo, "rates": rates, "deadline": deadline, "events": str(events),
+                    "smoke": smoke, "compile_backend": compile_backend}
+            plan_path = tmp / f"plan{attempt}.json"
+            plan_path.write_text(json.dumps(plan))
+            proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", str(plan_path)],
+                                    env=env, start_new_session=True)
+            offset, killed = 0, None
+            while True:
+                finished = proc.poll() is not None
+                new, offset = _read_events(events, offset)
+                for event in new:
+                    handle(event)
+                if finished:
+                    break
+                now = time.time()
+                if current is not None and now > current["t"] + current["limit"] + GRACE_S:
+                    killed = f"killed {GRACE_S:.0f}s after its limit of {current['limit']:.3g}s (no reaction)"
+                elif current is None and now > deadline + GRACE_S:
+                    killed = "killed: the worker passed the budget between items"
+                if killed:
+                    break
+                time.sleep(0.2)
+            returncode = proc.returncode
+            stop_worker()
+            if current is not None:  # the worker died or was killed inside an item
+                it = doc["items"][current["i"]]
+                it["status"] = "killed" if killed else f"crashed (exit status {returncode})"
+                it["seconds"] = round(time.time() - current["t"], 2)
+                doc["notes"].append(f"{it['id']}: {killed or f'the worker died (exit status {returncode})'}")
+                current = None
+                save()
+            elif killed:
+                doc["notes"].append(killed)
+            if rates is None:  # it never got as far as measuring the card: retrying would fail the same way
+                doc["notes"].append(f"the worker failed before the first item (exit status {returncode})")
+                break
+    except KeyboardInterrupt:
+        stop_worker()
+        if current is not None:
+            doc["items"][current["i"]]["status"] = "interrupted"
+        doc["notes"].append("interrupted (SIGINT) before the plan was done")
+    finally:
+        stop_worker()
+        for it in doc["items"]:
+            if it["status"] in ("pending", "running"):
+                it["status"] = "not run (budget spent)" if time.time() > deadline - 2.0 else "not run"
+        save()
+        print_table(doc)
+        print(f"wrote {json_path}", flush=True)
+    return doc
 
 
 def print_table(doc):
-    """One line per (shape, dtype, impl, mode) with speedups against the reference."""
+    """One line per (shape, dtype, impl, mode) with speedups against the reference, then the items' status."""
     rows = doc["rows"]
     ref = {(r["B"], r["M"], r["D"], r["k"], r["dtype"], r["mode"]): r["median_ms"] for r in rows
            if r["impl"] == "reference"}
@@ -517,80 +836,68 @@ def print_table(doc):
         key = (r["B"], r["M"], r["D"], r["k"], r["dtype"], r["mode"])
         sp = ref.get(key)
         sp = f"{sp / r['median_ms']:.1f}x" if sp else "-"
-        xf = r["median_ms"] / r["floor_ms"] if r["floor_ms"] else float("nan")
         peak = r.get("peak_extra_bytes")
         print(f"{r['B']:>5} {r['M']:>8} {r['D']:>5} {r['k']:>3} {r['dtype']:5} {r['impl']:13} {r['mode']:8} "
               f"{r['median_ms']:>10.4f} {r['p20_ms']:>9.4f} {r['p80_ms']:>9.4f} {sp:>7} {r['floor_ms']:>9.4f} "
-              f"{xf:>7.2f} {r.get('launches_step', '-'):>6} {r.get('launches_fused', '-'):>5} "
+              f"{r['x_floor']:>7.2f} {r.get('launches_step', '-'):>6} {r.get('launches_fused', '-'):>5} "
               f"{(peak / 2**20 if peak is not None else float('nan')):>9.2f}")
+    for it in doc["items"]:
+        if it["status"] != "ok":
+            print(f"item {it['id']}: {it['status']}" + (f" after {it['seconds']:.0f}s" if "seconds" in it else ""))
     for note in doc["notes"]:
         print("note:", note)
-
-
-def run(shapes, out_dir: Path, budget_s: float, smoke: bool) -> dict:
-    """Time every configuration; write and return the JSON document."""
-    import torch
-
-    cuda = torch.cuda.is_available() and not smoke
-    timer = Timer(cuda)
-    doc = _versions()
-    doc["shapes"] = [list(s) for s in shapes]
-    doc["timer"] = "triton.testing.do_bench (median, 20th/80th percentiles)" if cuda else "wall clock (smoke)"
-    doc["rows"], doc["notes"] = [], []
-    deadline = time.time() + budget_s
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / ("gpu_bench_smoke.json" if smoke else "gpu_bench.json")
-    doc["rates"] = measure_rates(timer, cuda)
-    print(f"{doc['device']} | torch {doc['torch']} | triton {doc['triton']} | copy "
-          f"{doc['rates']['copy_bytes_per_s'] / 1e9:.0f} GB/s | bf16 matmul "
-          f"{doc['rates']['bf16_flops_per_s'] / 1e12:.0f} TFLOP/s", flush=True)
-    if cuda:
-        try:
-            doc["precision"] = precision_study(timer)
-        except Exception as exc:  # the main table matters more
-            doc["notes"].append(f"precision study failed: {type(exc).__name__}: {str(exc)[:300]}")
-        path.write_text(json.dumps(doc, indent=1))
-    for shape, dtype, impls in _configs(shapes, smoke):
-        compiled_cache = {}
-        for impl in impls:
-            if time.time() > deadline:
-                doc["notes"].append(f"{impl} {shape} {dtype}: skipped (global budget of {budget_s:.0f}s spent)")
-                continue
-            t0 = time.time()
-            # The largest shape gets the rest of the budget; smaller ones at most 60 s each.
-            box = min(deadline, t0 + (60 if shape[1] <= 65536 else budget_s))
-            rows, notes = bench_config(impl, shape, dtype, timer, doc["rates"], cuda, box, compiled_cache)
-            doc["rows"] += rows
-            doc["notes"] += notes
-            path.write_text(json.dumps(doc, indent=1))  # after every configuration: a killed run keeps its rows
-            print(f"  {shape} {dtype} {impl}: {len(rows)} rows, {time.time() - t0:.1f}s "
-                  + (f"fwd+bwd {next((r['median_ms'] for r in rows if r['mode'] == 'fwd+bwd'), float('nan')):.3f}"
-                     " ms" if rows else "; ".join(notes)), flush=True)
-    path.write_text(json.dumps(doc, indent=1))
-    print_table(doc)
-    print(f"wrote {path}")
-    return doc
 
 
 def main(argv=None) -> int:
     """Command line: see the module docstring."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default=os.environ.get("OUT") or "out", help="directory for gpu_bench.json")
-    ap.add_argument("--budget", type=float, default=300.0, help="seconds for all timings together")
+    ap.add_argument("--out", default=os.environ.get("OUT") or "out", help="directory for the JSON (default $OUT, "
+                    "else ./out)")
+    ap.add_argument("--json", default=None, help="result file (default OUT/gpu_bench.json, OUT/gpu_bench_smoke.json "
+                    "with --cpu-smoke)")
+    ap.add_argument("--budget", type=float, default=330.0, help="seconds for the whole plan (default 330)")
+    ap.add_argument("--shapes", default=None, help="BxMxDxk,... (default: "
+                    + ",".join("x".join(map(str, s)) for s in PLAN_SHAPES) + ")")
+    ap.add_argument("--impls", default=",".join(IMPLS), help="subset of " + ",".join(IMPLS) + " (default: all)")
+    ap.add_argument("--dtypes", default=None, help="fp32,bf16 (default: both where M >= 65536, fp32 below)")
+    ap.add_argument("--no-precision", action="store_true", help="leave out the fp32 dot-precision study")
+    ap.add_argument("--item-limit", type=float, default=None, help="seconds per item, for every item (default: "
+                    + ", ".join(f"{k} {v:.0f}" for k, v in ITEM_LIMIT_S.items()) + ")")
+    ap.add_argument("--list", action="store_true", help="print the plan and exit")
     ap.add_argument("--compile-only", action="store_true", help="compile the kernels for --arch, no GPU needed")
     ap.add_argument("--arch", type=int, default=90, help="compute capability for --compile-only (90: H100/H200)")
     ap.add_argument("--quick", action="store_true", help="--compile-only at two shapes only")
-    ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU under TRITON_INTERPRET=1")
+    ap.add_argument("--cpu-smoke", "--dry-run", dest="cpu_smoke", action="store_true",
+                    help="tiny shapes on CPU under TRITON_INTERPRET=1 (torch.compile with its eager backend)")
+    ap.add_argument("--compile-backend", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.worker:
+        return _worker(args.worker)
     if args.compile_only:
         if os.environ.get("TRITON_INTERPRET", "0") == "1":
             print("--compile-only: TRITON_INTERPRET=1 is set; unset it")
             return 1
         return compile_only(args.arch, args.quick)
-    if args.cpu_smoke:
-        os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported (the interpreter is chosen at import)
-    run(SMOKE_SHAPES if args.cpu_smoke else SHAPES, Path(args.out), args.budget, args.cpu_smoke)
-    return 0
+    try:
+        shapes = parse_shapes(args.shapes) if args.shapes else (SMOKE_SHAPES if args.cpu_smoke else PLAN_SHAPES)
+        impls = parse_choices(args.impls, IMPLS, "--impls")
+        dtypes = parse_choices(args.dtypes, _DTYPES, "--dtypes") if args.dtypes else None
+        if args.budget <= 0 or (args.item_limit is not None and args.item_limit <= 0):
+            raise ValueError("--budget and --item-limit must be positive")
+    except ValueError as exc:
+        print(f"gpu_bench.py: error: {exc}", file=sys.stderr)
+        return 2
+    items = plan_items(shapes, impls, dtypes or None, not args.no_precision, args.cpu_smoke, args.item_limit)
+    if args.list or not items:
+        for it in items:
+            print(f"{it['id']} (limit {it['limit_s']:.0f}s)")
+        return 0
+    path = Path(args.json) if args.json else Path(args.out) / ("gpu_bench_smoke.json" if args.cpu_smoke
+                                                              else "gpu_bench.json")
+    backend = args.compile_backend or ("eager" if args.cpu_smoke else "inductor")
+    doc = run(items, path, args.budget, args.cpu_smoke, backend)
+    return 0 if all(it["status"] == "ok" for it in doc["items"]) else 1
 
 
 if __name__ == "__main__":
