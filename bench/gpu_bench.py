@@ -38,6 +38,9 @@ Other modes (no GPU needed):
   CPU with ``TRITON_INTERPRET=1`` (wall-clock timing instead of do_bench, no profiler counts, no CUDA graph,
   ``torch.compile`` with its ``eager`` backend): checks the script end to end before a GPU run.
 - ``--list``: print the plan (items and their time limits) and exit.
+
+Exit status: 0 when every item was measured, 3 when the budget ran out before the last items (the others were
+measured), 1 when an item failed, timed out or crashed, 2 for bad arguments.
 """
 from __future__ import annotations
 
@@ -656,7 +659,7 @@ def _worker(plan_path: str) -> int:
     emit(event="env", env=env, rates=rates)
 
     def on_alarm(signum, frame):
-        raise _ItemTimeout("item limit")
+        raise _ItemTimeout("by the alarm")
 
     signal.signal(signal.SIGALRM, on_alarm)
     for i in plan["todo"]:
@@ -675,9 +678,9 @@ def _worker(plan_path: str) -> int:
             else:
                 bench_step(item, timer, rates, cuda, start + limit, rows, notes, plan["compile_backend"])
         except _ItemTimeout as exc:
-            status = "timeout"
-            notes.append(f"{item['id']}: stopped at its limit of {limit:.3g}s ({exc}); rows measured before are "
-                         "kept")
+            status = "timeout" if limit >= item["limit_s"] else "cut (budget spent)"
+            why = "its item limit" if status == "timeout" else "the end of the budget"
+            notes.append(f"{item['id']}: stopped after {limit:.3g}s ({why}, {exc}); rows measured before are kept")
         except Exception as exc:  # one failing item must not lose the others
             status = "oom" if isinstance(exc, torch.cuda.OutOfMemoryError) else "error"
             notes.append(f"{item['id']}: {type(exc).__name__}: {str(exc)[:400]}")
@@ -692,7 +695,7 @@ def _worker(plan_path: str) -> int:
         print(f"  [{i + 1}/{len(plan['items'])}] {item['id']}: {status}, {time.time() - start:.1f}s"
               + (f", fwd+bwd {fb:.4f} ms" if fb is not None else "") + "".join(f"\n    note: {n}" for n in notes),
               flush=True)
-        if status in ("timeout", "cuda_error"):
+        if status in ("timeout", "cut (budget spent)", "cuda_error"):
             return 3
     return 0
 
@@ -897,7 +900,10 @@ def main(argv=None) -> int:
                                                               else "gpu_bench.json")
     backend = args.compile_backend or ("eager" if args.cpu_smoke else "inductor")
     doc = run(items, path, args.budget, args.cpu_smoke, backend)
-    return 0 if all(it["status"] == "ok" for it in doc["items"]) else 1
+    status = {it["status"] for it in doc["items"]}
+    if status <= {"ok"}:
+        return 0
+    return 3 if status <= {"ok", "not run (budget spent)", "cut (budget spent)"} else 1
 
 
 if __name__ == "__main__":
