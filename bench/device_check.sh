@@ -37,7 +37,7 @@ cd "$(dirname "$0")/.." || exit 2
 REPO=$PWD
 STEPS=(tests bench train extra more)
 declare -A BOUND=([tests]=170 [bench]=150 [train]=75 [extra]=120 [more]=40)
-declare -A DRY_BOUND=([tests]=40 [bench]=45 [train]=30 [extra]=45 [more]=40)
+declare -A DRY_BOUND=([tests]=40 [bench]=45 [train]=40 [extra]=45 [more]=40)
 MIN_STEP=20  # a step with less time than this left is not started
 
 die() { echo "device_check.sh: error: $*" >&2; exit 2; }
