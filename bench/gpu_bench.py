@@ -714,6 +714,7 @@ def _read_events(path: Path, offset: int):
 
 def run(items, json_path: Path, budget_s: float, smoke: bool, compile_backend: str) -> dict:
     """Measure ``items`` in worker processes within ``budget_s`` seconds; write and return the JSON document."""
+    import shutil
     import signal
 
     doc = {"script": "bench/gpu_bench.py", "argv": sys.argv[1:], "budget_s": budget_s,
@@ -816,6 +817,7 @@ def run(items, json_path: Path, budget_s: float, smoke: bool, compile_backend: s
         doc["notes"].append("interrupted (SIGINT) before the plan was done")
     finally:
         stop_worker()
+        shutil.rmtree(tmp, ignore_errors=True)
         for it in doc["items"]:
             if it["status"] in ("pending", "running"):
                 it["status"] = "not run (budget spent)" if time.time() > deadline - 2.0 else "not run"
