@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import copy
 import importlib.util
 import inspect
 import os
@@ -168,13 +169,14 @@ def test_bad_arguments(kwargs, error, match):
 def test_dim_must_be_known():
     with pytest.raises(ValueError, match="dim="):
         ISCSELoss(nn.Linear(3, 3))
-    assert ISCSELoss(nn.Linear(3, 3), dim=3, buffer_size=8, k=2).criterion.buffer.dim == 3
+    loss_fn = ISCSELoss(nn.Linear(3, 3), dim=3, buffer_size=8, k=2, return_components=False)
+    assert loss_fn.compute_loss_from_embeddings([torch.randn(4, 3), torch.randn(4, 3)]).dim() == 0
 
 
 def test_wrong_columns_raise_before_the_buffer_changes():
     loss_fn = ISCSELoss(StubEncoder(4, 6), buffer_size=8, k=2, buffer_dtype=torch.float64)
     loss_fn(_features(4, 4), None)
-    before = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in loss_fn.criterion.state_dict().items()}
+    before = copy.deepcopy(loss_fn.criterion.state_dict())  # deep: the state holds the live buffer tensor
     three = _features(4, 4) + [{"x": torch.randn(4, 4, dtype=torch.float64)}]
     with pytest.raises(ValueError, match="two text columns"):
         loss_fn(three, None)
@@ -190,7 +192,6 @@ def test_config_citation_temperature():
     assert config["buffer_size"] == 16 and config["k"] == 3 and config["scale"] == 25.0
     assert config["gather_across_devices"] is False and "cosine" in config["alpha"]
     assert loss_fn.temperature == pytest.approx(0.04)
-    assert loss_fn.criterion.temperature == pytest.approx(0.04)
     assert "Instance Smoothed Contrastive Learning" in loss_fn.citation and "@inproceedings" in loss_fn.citation
 
 
@@ -264,6 +265,32 @@ def test_callback_finds_the_checkpoint_outside_output_dir_and_per_rank_files(tmp
         callback.on_train_begin(args, SimpleNamespace(global_step=2), None)
         assert callback.loaded_from == str(saved)
         assert_states_equal(callback.criterion.state_dict(), original.criterion.state_dict())
+
+
+def test_callback_names_tell_several_losses_apart(tmp_path):
+    first, second = _new_loss(), _new_loss()
+    _train_steps(first, 1)
+    _train_steps(second, 3)
+    for loss_fn, name in ((first, "nli"), (second, "sts")):
+        loss_fn.checkpoint_callback(name=name).on_save(_args(tmp_path), SimpleNamespace(global_step=3), None)
+    assert sorted(p.name for p in (tmp_path / "checkpoint-3").iterdir()) == [
+        "iscse_loss_state-nli.pt", "iscse_loss_state-sts.pt"]
+    for loss_fn, name in ((first, "nli"), (second, "sts")):
+        restored = _new_loss()
+        restored.checkpoint_callback(name=name).on_train_begin(_args(tmp_path), SimpleNamespace(global_step=3), None)
+        assert_states_equal(restored.criterion.state_dict(), loss_fn.criterion.state_dict())
+    with pytest.raises(ValueError, match="name"):
+        first.checkpoint_callback(name="a/b")
+
+
+def test_state_files_may_hold_an_alpha_schedule(tmp_path):
+    from iscse.integrations.sentence_transformers import _load_state
+
+    if not hasattr(torch.serialization, "safe_globals"):
+        pytest.skip("torch < 2.5 cannot allow-list classes for weights_only loads")
+    schedule = iscse.alpha_schedule("cosine", total_steps=10)
+    torch.save({"global_step": 1, "criterion": {"alpha": schedule}}, tmp_path / "state.pt")
+    assert _load_state(str(tmp_path / "state.pt"))["criterion"]["alpha"](5) == schedule(5)
 
 
 def test_callback_without_a_matching_state_file(tmp_path):
@@ -345,7 +372,8 @@ def test_trainer_resume_continues_with_the_same_buffer(tmp_path):
     assert len(logged) == 6
     if hasattr(SentenceTransformerTrainer, "track_loss_components"):  # the installed trainer logs the two parts
         assert all("L_cl" in h and "alpha_L_s" in h for h in logged)
-        assert logged[-1]["loss"] == pytest.approx(full[-1][0] + 0.1 * full[-1][1], rel=1e-5)
+        # (transformers 4.x rounds the logged loss to 4 decimals)
+        assert logged[-1]["loss"] == pytest.approx(full[-1][0] + 0.1 * full[-1][1], rel=1e-5, abs=1e-4)
     assert (tmp_path / "out" / "checkpoint-4" / "iscse_loss_state.pt").is_file()
 
     # A new process-like start: new model, new loss, new trainer, resumed from step 4 with the same output_dir.

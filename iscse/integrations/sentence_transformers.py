@@ -10,8 +10,9 @@ The memory buffer is training state that no model file holds. :class:`ISCSECheck
 :meth:`ISCSELoss.checkpoint_callback`) writes it into every checkpoint the trainer saves and reads it back on
 ``trainer.train(resume_from_checkpoint=...)``, so a resumed run continues with the same buffer, step and alpha.
 
-Supported: sentence-transformers 3.x to 6.x on transformers 4.41+ (tested here with 6.2 on transformers 5.24).
-sentence-transformers itself is imported only when a loss is first called (``import iscse`` never loads it).
+Supported: sentence-transformers 3.x to 6.x (tested with 3.4.1 and 5.1.2 on transformers 4.57, 6.0.0 and 6.2.0 on
+transformers 5.24). sentence-transformers itself is imported only when a loss is first called, and ``import iscse``
+loads neither it nor this module.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import functools
 import math
 import numbers
 import os
+import re
 import warnings
 from typing import Any, Callable, Dict, Iterable, List, Optional, Union
 
@@ -27,6 +29,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from transformers import TrainerCallback
 
+from ..loss import AlphaSchedule
 from ..loss import ISCSELoss as _ISCSECriterion
 
 __all__ = ["ISCSELoss", "ISCSECheckpointCallback", "STATE_FILE"]
@@ -190,6 +193,10 @@ class ISCSELoss(nn.Module):
         self.criterion = _ISCSECriterion(dim, buffer_size=buffer_size, k=k, temperature=1.0 / self.scale,
                                          attn_temperature=attn_temperature, alpha=alpha, backend=backend,
                                          knn_backend=knn_backend, buffer_dtype=buffer_dtype)
+        # The hyperparameters as given (validated by the criterion above), for get_config_dict.
+        self._config = {"buffer_size": buffer_size, "k": k, "scale": self.scale, "attn_temperature": attn_temperature,
+                        "alpha": alpha if isinstance(alpha, numbers.Real) else repr(alpha),
+                        "gather_across_devices": gather_across_devices, "backend": str(backend)}
         self.model = model  # set last: a bad argument above leaves no half-built loss holding the model
         self._views_checked = False
 
@@ -241,19 +248,15 @@ class ISCSELoss(nn.Module):
             z1, z2 = gather_global_batch(z1), gather_global_batch(z2)
         return self.criterion(z1, z2)
 
-    def checkpoint_callback(self, resume_from_checkpoint: Optional[str] = None,
-                            strict: bool = True) -> "ISCSECheckpointCallback":
+    def checkpoint_callback(self, resume_from_checkpoint: Optional[str] = None, strict: bool = True,
+                            name: Optional[str] = None) -> "ISCSECheckpointCallback":
         """A trainer callback that saves this loss's buffer and step in every checkpoint and restores them on
         resume; see :class:`ISCSECheckpointCallback`."""
-        return ISCSECheckpointCallback(self, resume_from_checkpoint=resume_from_checkpoint, strict=strict)
+        return ISCSECheckpointCallback(self, resume_from_checkpoint=resume_from_checkpoint, strict=strict, name=name)
 
     def get_config_dict(self) -> Dict[str, Any]:
         """The hyperparameters, for the model card."""
-        c = self.criterion
-        alpha = c.alpha if isinstance(c.alpha, numbers.Real) else repr(c.alpha)
-        return {"buffer_size": c.buffer.size, "k": c.k, "scale": self.scale,
-                "attn_temperature": c.attn_temperature, "alpha": alpha,
-                "gather_across_devices": self.gather_across_devices, "backend": str(c.backend)}
+        return dict(self._config)
 
     @property
     def citation(self) -> str:
@@ -261,11 +264,23 @@ class ISCSELoss(nn.Module):
         return CITATION
 
 
-def _state_file(world_size: int, process_index: int) -> str:
+def _state_file(world_size: int, process_index: int, name: Optional[str] = None) -> str:
+    stem, ext = os.path.splitext(STATE_FILE)
+    if name:
+        stem = f"{stem}-{name}"
     if world_size > 1:
-        stem, ext = os.path.splitext(STATE_FILE)
-        return f"{stem}_{process_index}{ext}"
-    return STATE_FILE
+        stem = f"{stem}_{process_index}"
+    return stem + ext
+
+
+def _load_state(path: str) -> Dict[str, Any]:
+    """``torch.load`` with ``weights_only=True`` (tensors, numbers, strings, containers), admitting the package's
+    ``AlphaSchedule`` where torch can allow-list classes, in case a loss state carries its schedule object."""
+    safe_globals = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
+    if safe_globals is None:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    with safe_globals([AlphaSchedule]):
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 class ISCSECheckpointCallback(TrainerCallback):
@@ -282,6 +297,9 @@ class ISCSECheckpointCallback(TrainerCallback):
 
     ``strict`` (default True): a resumed run without a matching state file raises ``FileNotFoundError`` instead of
     going on with an empty buffer (``L_s`` would then be off until the buffer fills again); False warns instead.
+    ``name``: tells the files of several IS-CSE losses apart (e.g. a dict of losses, one per dataset):
+    ``iscse_loss_state-<name>.pt``. Under hyperparameter search (checkpoints in per-trial folders that a callback
+    cannot see) nothing is saved, with a warning.
 
     Why a callback: ``on_save`` and ``on_train_begin`` are transformers' public, stable hooks (every
     ``Trainer`` subclass calls them, from transformers 4.x to 5.x), whereas the trainer's private ``_save_checkpoint``
@@ -289,7 +307,8 @@ class ISCSECheckpointCallback(TrainerCallback):
     and the buffer cannot live in the model's state (it would be saved into the model files).
     """
 
-    def __init__(self, loss: ISCSELoss, resume_from_checkpoint: Optional[str] = None, strict: bool = True) -> None:
+    def __init__(self, loss: ISCSELoss, resume_from_checkpoint: Optional[str] = None, strict: bool = True,
+                 name: Optional[str] = None) -> None:
         criterion = getattr(loss, "criterion", loss)
         if not isinstance(criterion, _ISCSECriterion):
             raise TypeError(f"loss must be an iscse ISCSELoss (sentence-transformers or plain), got "
@@ -297,27 +316,34 @@ class ISCSECheckpointCallback(TrainerCallback):
         if resume_from_checkpoint is not None and not isinstance(resume_from_checkpoint, (str, os.PathLike)):
             raise TypeError(f"resume_from_checkpoint must be a path or None, got "
                             f"{type(resume_from_checkpoint).__name__}")
+        if name is not None and (not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.]+", name)):
+            raise ValueError(f"name must be None or a non-empty string of letters, digits, '_' and '.', got {name!r}")
         self.criterion = criterion
         self.resume_from_checkpoint = resume_from_checkpoint
         self.strict = bool(strict)
+        self.name = name
         self.loaded_from: Optional[str] = None  # the state file the last resume read, for logs and tests
 
     def on_save(self, args, state, control, **kwargs):
         """Write the loss state into the checkpoint folder the trainer just wrote."""
         from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+        if getattr(state, "is_hyper_param_search", False):
+            warnings.warn("ISCSECheckpointCallback: hyperparameter search writes checkpoints into per-trial folders; "
+                          "the IS-CSE loss state is not saved", stacklevel=2)
+            return control
         folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         os.makedirs(folder, exist_ok=True)
         payload = {"global_step": int(state.global_step), "world_size": int(args.world_size),
                    "process_index": int(args.process_index), "criterion": self.criterion.state_dict()}
-        torch.save(payload, os.path.join(folder, _state_file(args.world_size, args.process_index)))
+        torch.save(payload, os.path.join(folder, _state_file(args.world_size, args.process_index, self.name)))
         return control
 
     def on_train_begin(self, args, state, control, **kwargs):
         """On a resumed run, restore the loss state saved with the checkpoint."""
         if state.global_step == 0:
             return control
-        name = _state_file(args.world_size, args.process_index)
+        name = _state_file(args.world_size, args.process_index, self.name)
         candidates = []
         for folder in (self.resume_from_checkpoint, getattr(args, "resume_from_checkpoint", None)):
             if isinstance(folder, (str, os.PathLike)):
@@ -328,7 +354,7 @@ class ISCSECheckpointCallback(TrainerCallback):
             path = os.path.join(folder, name)
             if not os.path.isfile(path):
                 continue
-            payload = torch.load(path, map_location="cpu", weights_only=True)
+            payload = _load_state(path)
             if int(payload.get("global_step", -1)) != state.global_step:
                 continue
             self.criterion.load_state_dict(payload["criterion"])
