@@ -66,7 +66,10 @@ IMPLS = ("reference", "compile", "torch", "triton", "triton_graph")
 # --------------------------------------------------------------------------------------------------------------
 
 class _Capture:
-    """Stands in for a ``@triton.jit`` kernel: records ``kernel[grid](*args, **kwargs)`` instead of launching."""
+    """Stands in for a ``@triton.jit`` kernel: records ``kernel[grid](*args, **kwargs)`` instead of launching,
+    with the benchmark shape being launched (``_Capture.shape``, set by :func:`_launch_all_for_compile`)."""
+
+    shape = None
 
     def __init__(self, fn):
         self.fn = fn
@@ -74,7 +77,7 @@ class _Capture:
 
     def __getitem__(self, grid):
         def record(*args, **kwargs):
-            self.calls.append((args, kwargs))
+            self.calls.append((args, kwargs, _Capture.shape))
         return record
 
 
@@ -84,7 +87,7 @@ def _signature(fn, args, kwargs):
 
     names = fn.arg_names
     constexpr_names = {p.name for p in fn.params if p.is_constexpr}
-    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "maxnreg") if k in kwargs}
     bound = dict(zip(names, args))
     bound.update(kwargs)
     tname = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int32: "i32",
@@ -126,6 +129,7 @@ def _launch_all_for_compile(shapes):
     kernels = {
         (K, "_knn_chunk_kernel"): None, (K, "_knn_merge_kernel"): None, (S, "_smooth_fwd_kernel"): None,
         (S, "_smooth_bwd_kernel"): None, (N, "_info_nce_rows_kernel"): None, (N, "_info_nce_cols_kernel"): None,
+        (N, "_info_nce_merge_kernel"): None,
     }
     for mod, name in kernels:
         kernels[(mod, name)] = _Capture(getattr(mod, name))
@@ -134,6 +138,7 @@ def _launch_all_for_compile(shapes):
     meta = torch.device("meta")
     try:
         for (B, M, D, k, dt) in shapes:
+            _Capture.shape = f"{B}x{M}x{D}x{k}/{str(dt).replace('torch.', '')}"
             buf = torch.empty(M, D, device=meta, dtype=dt)
             q = torch.empty(B, D, device=meta, dtype=dt)
             z = torch.empty(B, D, device=meta, dtype=dt)
@@ -180,39 +185,42 @@ def compile_only(arch: int = 90, quick: bool = False) -> int:
     kernels = _launch_all_for_compile(shapes)
     target = GPUTarget("cuda", arch, 32)
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    seen, failures, spills = set(), 0, 0
+    seen, failures, spills = {}, 0, 0
     print(f"triton {triton.__version__}, target sm_{arch}")
     for (mod, name), cap in kernels.items():
-        for args, kwargs in cap.calls:
+        for args, kwargs, shape in cap.calls:
             sig, consts, attrs, opts = _signature(cap.fn, args, dict(kwargs))
             key = (name, tuple(sorted(sig.items())), tuple(sorted((k, str(v)) for k, v in consts.items())),
                    tuple(sorted(attrs)), tuple(sorted(opts.items())))
-            if key in seen:
-                continue
-            seen.add(key)
-            shown = {k: v for k, v in consts.items() if k.isupper()}
-            dtypes = ",".join(sorted({v for v in sig.values() if v.startswith("*")}))
-            t0 = time.time()
-            try:
-                ck = triton.compile(ASTSource(fn=cap.fn, signature=sig, constexprs=consts, attrs=attrs),
-                                    target=target, options=opts)
-            except Exception as exc:  # report every failure, then fail
-                failures += 1
-                print(f"FAIL {name} {shown} {dtypes}: {type(exc).__name__}: {str(exc)[:2000]}")
-                continue
-            usage = ""
-            if cuobjdump.exists():
-                with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-                    f.write(ck.asm["cubin"])
-                    f.flush()
-                    out = subprocess.run([str(cuobjdump), "--dump-resource-usage", f.name], capture_output=True,
-                                         text=True).stdout
-                usage = " ".join(p for line in out.splitlines() if "REG:" in line
-                                 for p in line.split() if p.split(":")[0] in ("REG", "STACK"))
-                if "STACK:0" not in usage:
-                    spills += 1
-            print(f"ok   {name:24s} {dtypes:18s} {shown} {opts} {usage} smem={ck.metadata.shared} "
-                  f"({time.time() - t0:.1f}s)")
+            if key not in seen:
+                seen[key] = (cap, sig, consts, attrs, opts, [])
+            if shape not in seen[key][5]:
+                seen[key][5].append(shape)
+    for key, (cap, sig, consts, attrs, opts, shapes_used) in seen.items():
+        name = key[0]
+        shown = {k: v for k, v in consts.items() if k.isupper()}
+        dtypes = ",".join(sorted({v for v in sig.values() if v.startswith("*")}))
+        t0 = time.time()
+        try:
+            ck = triton.compile(ASTSource(fn=cap.fn, signature=sig, constexprs=consts, attrs=attrs),
+                                target=target, options=opts)
+        except Exception as exc:  # report every failure, then fail
+            failures += 1
+            print(f"FAIL {name} {shown} {dtypes}: {type(exc).__name__}: {str(exc)[:2000]}")
+            continue
+        usage = ""
+        if cuobjdump.exists():
+            with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+                f.write(ck.asm["cubin"])
+                f.flush()
+                out = subprocess.run([str(cuobjdump), "--dump-resource-usage", f.name], capture_output=True,
+                                     text=True).stdout
+            usage = " ".join(p for line in out.splitlines() if "REG:" in line
+                             for p in line.split() if p.split(":")[0] in ("REG", "STACK"))
+            if "STACK:0" not in usage:
+                spills += 1
+        print(f"ok   {name:24s} {dtypes:18s} {shown} {opts} {usage} smem={ck.metadata.shared} "
+              f"({time.time() - t0:.1f}s) shapes={','.join(shapes_used)}")
     print(f"{len(seen)} specialisations, {failures} failed to compile, {spills} with register spills (STACK > 0)")
     return 1 if failures else 0
 

@@ -1,4 +1,4 @@
-"""Dual InfoNCE: ``_info_nce_rows_kernel`` + ``_info_nce_cols_kernel`` and the host launcher.
+"""Dual InfoNCE: ``_info_nce_rows_kernel``, ``_info_nce_cols_kernel``, ``_info_nce_merge_kernel`` and the launcher.
 
 What it computes, for ``x = z1``, ``y = z2`` and (optionally) ``z = z*``, all ``(B, D)``:
 ``L_cl = mean_i CE(cos(x_i, y_.) / tau, target i)`` and ``L_s = mean_i CE(cos(x_i, z_.) / tau, target i)``, plus,
@@ -6,35 +6,71 @@ because the losses are terminal, their input gradients ``dL_cl/dx, dL_cl/dy, dL_
 normalisation included), which the backward only has to scale by ``grad_output`` (DESIGN.md §3; Liger-Kernel's
 "gradient in the forward pass").
 
-How: with ``P = softmax(S)`` row-wise, ``S_ij = cos_ij / tau`` and ``c = 1 / (tau B)``,
+The math: with ``P = softmax(S)`` row-wise, ``S_ij = cos_ij / tau`` and ``c = 1 / (tau B)``,
 ``dL/dx_i = c/|x_i| (u_i - y^_i - x^_i (s_i - cos_ii))`` with ``u_i = sum_j P_ij y^_j``, ``s_i = sum_j P_ij cos_ij``,
 and symmetrically ``dL/dy_j = c/|y_j| (v_j - x^_j - y^_j (t_j - cos_jj))`` with ``v_j = sum_i P_ij x^_i``,
 ``t_j = sum_i P_ij cos_ij`` (the projection terms are the backward of ``x / |x|``; ``x^ . u`` and ``y^ . v`` come
-out of the softmax loop as ``s`` and ``t``, so no extra pass over ``D`` is needed for them).
-1. ``_info_nce_rows_kernel``, one program per block of ``BLOCK_M`` rows: streams the column tiles once, both
-   losses at a time; per tile the ``(BLOCK_M, BLOCK_N)`` cosine tile comes from ``tl.dot`` over ``D`` (the norms
-   are accumulated in the same loop), an online log-sum-exp (Milakov & Gimelshein 2018) updates the row max and sum,
-   and the rescaled row accumulator ``u`` (``BLOCK_M x D``, fp32) is updated in the output gradient buffer (read-
-   modify-write of rows only this program owns). Writes the per-row ``lse``, loss and ``cos_ii`` and ``dL/dx``.
-   No ``B x B`` matrix exists at any time.
-2. ``_info_nce_cols_kernel``, one program per block of ``BLOCK_N`` columns: recomputes its cosine tiles against
-   every row tile, forms ``P`` from the stored ``lse`` and accumulates ``v`` and ``t`` the same way; writes
-   ``dL/dy`` (and ``dL/dz``). Program 0 also sums the per-row losses into the two scalars.
-Column gradients therefore come from a second pass over row tiles rather than from atomics: deterministic
-(bit-identical results run to run), at the price of recomputing the cosine tiles once. The accumulators live in
-global memory and are read back by other threads of the same program (the load and store layouts differ), so a
-``tl.debug_barrier()`` (CTA barrier) separates each tile's stores from the next tile's loads.
+out of the softmax loops as ``s`` and ``t``, so no extra pass over ``D`` is needed for them).
+
+Grid and launches (three, in this order; no atomics, no host synchronisation):
+
+1. ``_info_nce_rows_kernel``, grid ``(cdiv(B, ROWS_M), ROW_SPLITS)``: program ``(r, s)`` takes row block ``r``
+   and split ``s`` of the ``T = cdiv(B, ROWS_N)`` column tiles (tiles ``[T s / S, T (s + 1) / S)``: every split
+   gets one or more, and ``S`` need not divide ``T``). Per tile it computes the ``(ROWS_M, ROWS_N)`` cosine tile
+   with ``tl.dot`` over ``D`` (norms in the same loop), updates an online log-sum-exp (Milakov & Gimelshein 2018)
+   -- row max ``m``, sum ``l`` and weighted sum ``s`` -- and the rescaled row accumulator ``u`` (``ROWS_M x D``,
+   fp32, read-modify-write in global memory: it does not fit in registers). Per split it writes ``m, l, s`` (and
+   ``cos_ii``, ``1/|y_i|``, ``1/|z_i|``, which only the split holding the diagonal makes non-zero, and
+   ``1/|x_i|``) to an ``(S, 11, B)`` array, and its partial ``u``: split 0 straight into the output gradient
+   buffer, split ``s > 0`` into slot ``s - 1`` of an ``(S - 1, B, D)`` partial buffer.
+2. ``_info_nce_cols_kernel``, grid ``(cdiv(B, COLS_N), COL_SPLITS)``: program ``(c, s)`` takes column block ``c``
+   and split ``s`` of the row tiles. Per tile it merges the row statistics of the tile's rows in split order,
+   ``lse_i = M_i + log(sum_s l_is exp(m_is - M_i))`` with ``M_i = max_s m_is``, recomputes the cosine tile and
+   accumulates ``v`` and ``t`` from the exact ``P`` (no rescaling). Partial ``v`` goes to the output buffer
+   (split 0) or an ``(S - 1, B, D)`` partial buffer, partial ``t`` to ``(S, 2, B)``.
+3. ``_info_nce_merge_kernel``, grid ``(cdiv(B, MERGE_M), cdiv(D, MERGE_D))``: each program owns a
+   ``(MERGE_M, MERGE_D)`` tile of rows ``i`` and features and forms ``u_i = sum_s exp(m_is - M_i) u_is``,
+   ``v_i = sum_s v_is`` (splits summed in the order 0, 1, ...; each element by one thread), then writes ``dL/dx``
+   and ``dL/dy`` (and ``dL_s/dx``, ``dL_s/dz``) in place over the split-0 partials. Program ``(0, 0)`` also sums
+   the per-row losses ``lse_i - cos_ii / tau`` in row order.
+Every reduction runs in a fixed order, so results are bit-identical run to run. No ``B x B`` matrix exists at any
+time. Within a program the accumulators in global memory are read back by other threads of it (load and store
+layouts differ), so a ``tl.debug_barrier()`` (CTA barrier) separates each tile's stores from the next tile's loads.
+
+Split count (run time, :func:`info_nce_config`): two programs per SM of the device (``2 x multi_processor_count``)
+with 16-row (16-column) blocks, i.e. ``S = cdiv(2 SMs, cdiv(B, 16))``, at most the number of tiles, at most 16,
+and at most what keeps the partial accumulators of one pass within 32 MiB (``(S - 1) B D x 4 bytes x`` one or two
+losses). The split tile (``ROWS_N`` / ``COLS_M``) is 32 when that still gives ``S`` tiles, else 16. On a 132-SM
+H100 with both losses: B = 64, D = 768 (the paper): 4 blocks x 4 splits (one 16-wide tile each) = 16 programs per
+pass (4 before), 96 merge programs; B = 512, D = 1024: 32 x 9 = 288 programs per pass (32 before; 16 tiles of 32
+over 9 splits), 512 merge programs; B = 1024, D = 768: 64 x 5 = 320 per pass. At (512, 1024) 288 programs of at
+most 168 registers (three 4-warp programs per SM) are all resident at once.
+
+Costs: three launches (two before), so the fused IS-CSE step (kNN, aggregation, these three, one backward) is six
+launches, four without smoothing. Extra memory: ``(ROW_SPLITS - 1 + COL_SPLITS - 1) B D`` fp32 per loss plus
+``(11 ROW_SPLITS + 2 COL_SPLITS) B`` fp32 statistics, at most 2 x 32 MiB: 2.25 MiB at (64, 768), 64 MiB at
+(512, 1024), 48 MiB at (1024, 768), 45 MiB at (256, 768); none with one split. Traffic: each partial is written
+once and read once, no more than the read-modify-write of ``u`` / ``v`` per tile that the single-program-per-block
+design already did. FLOPs as before: the cosine tiles are computed twice (once per pass).
 
 Precision: tiles are loaded in the input dtype and upcast to fp32; every ``tl.dot`` is fp32 x fp32 with
 ``input_precision="tf32x3"`` (three TF32 products, about fp32 accuracy: the loss and gradients stay within ~1e-5
 relative of an fp32 computation; plain TF32 would cost ~1e-3 on the gradients). Exact under ``TRITON_INTERPRET=1``.
 
+Registers (sm_90, ``bench/gpu_bench.py --compile-only``, Triton 3.6 and 3.9): left alone, ptxas holds these
+kernels at 96 or 128 registers (for occupancy) and spills 8-40 bytes of stack in some specialisations, differently
+per version; with 64-wide tiles the rows kernel reached 255 registers and spilled under both. So passes 1 and 2 are
+built with ``maxnreg=168`` (three 4-warp programs per SM) and the merge with ``maxnreg=128``, tiles are at most 32
+wide, and the feature step and pipelining depth are chosen per input dtype from a sweep (step 16 / 32, 1-3 stages,
+no cap / 168) as the deepest pipelining with no spill at the benchmark shapes under both versions: fp32 inputs step
+16 with three stages, 16-bit inputs step 32 with one. At the paper's shape (fp32) and at 512 x 1024 (fp32, bf16)
+no specialisation spills under either version (passes 1-2: 117-168 registers, merge: 56-120).
+
 Supported: x, y fp32/bf16/fp16 and z fp32, any ``B >= 1`` and ``D >= 1`` (masks everywhere), arbitrary strides.
-Tested under the interpreter (Triton 3.9 and 3.6, tests/test_triton_interpret.py) and compiled for sm_90 with
-ptxas; the GPU tests (tests/test_triton_gpu.py) were not yet run on a GPU when this was written. Degenerate rows
-(norm below 1e-12) use the clamped norm, like ``F.normalize``. Cost: the cosine tiles are computed twice and every
-row block streams all of ``y``/``z``; with 16-row blocks, B = 512 gives only 32 programs per pass, the first thing
-to tune if the GPU profile shows these kernels (bench/gpu_bench.py prints per-kernel device time).
+Tested under the interpreter (Triton 3.9 and 3.6, tests/test_triton_interpret.py: splits > 1, split counts that do
+not divide the tiles, bit-identical reruns) and compiled for sm_90 with ptxas; the GPU tests
+(tests/test_triton_gpu.py) were not yet run on a GPU when this was written, so no timing of this design exists.
+Degenerate rows (norm below 1e-12) use the clamped norm, like ``F.normalize``.
 """
 from __future__ import annotations
 
@@ -44,11 +80,17 @@ import torch
 import triton
 import triton.language as tl
 
-from .knn_topk import fp32_dot_precision
+from .knn_topk import _num_sms, fp32_dot_precision
 
 __all__ = ["info_nce_forward", "info_nce_config"]
 
 _EPS = 1e-12
+# Statistics the row pass writes per split, rows of its (S, _N_STATS, B) array: 0-2 m, l, s of L_cl; 3-5 m, l, s of
+# L_s; 6-7 cos_ii of L_cl, L_s; 8-10 1/|y_i|, 1/|z_i|, 1/|x_i|.
+_N_STATS = 11
+_MAX_SPLITS = 16
+# Partial accumulators of one pass may take at most this much memory (the split count shrinks to fit).
+_PARTIAL_BYTES = 32 * 2**20
 
 
 @triton.jit
@@ -90,23 +132,66 @@ def _dot_tiles(
 
 
 @triton.jit
+def _row_stats(
+    PSTATS, rows, r_mask, N_SPLIT, stride_ps, stride_pk,
+    K_M: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Merge the row pass's per-split online-softmax statistics ``(m, l, s)`` (at rows ``K_M``, ``K_M + 1``,
+    ``K_M + 2``) of the given rows, splits in order: returns ``(M, l, s)`` with ``M = max_s m_s``,
+    ``l = sum_s l_s exp(m_s - M)``, ``s = sum_s s_s exp(m_s - M)``. Masked rows give ``(0, N_SPLIT, 0)``."""
+    big = tl.full([BLOCK], float("-inf"), tl.float32)
+    for sp in range(0, N_SPLIT):
+        m = tl.load(PSTATS + sp * stride_ps + K_M * stride_pk + rows, mask=r_mask, other=0.0)
+        big = tl.maximum(big, m)
+    tot = tl.zeros([BLOCK], tl.float32)
+    wsum = tl.zeros([BLOCK], tl.float32)
+    for sp in range(0, N_SPLIT):
+        base = PSTATS + sp * stride_ps + rows
+        m = tl.load(base + K_M * stride_pk, mask=r_mask, other=0.0)
+        e = tl.exp(m - big)
+        tot += tl.load(base + (K_M + 1) * stride_pk, mask=r_mask, other=1.0) * e
+        wsum += tl.load(base + (K_M + 2) * stride_pk, mask=r_mask, other=0.0) * e
+    return big, tot, wsum
+
+
+@triton.jit
+def _split_sum(STATS, idx, mask, N_SPLIT, stride_s, stride_k, K: tl.constexpr, BLOCK: tl.constexpr):
+    """``sum_s STATS[s, K, idx]`` over the splits, in order (fixed order: deterministic)."""
+    acc = tl.zeros([BLOCK], tl.float32)
+    for sp in range(0, N_SPLIT):
+        acc += tl.load(STATS + sp * stride_s + K * stride_k + idx, mask=mask, other=0.0)
+    return acc
+
+
+@triton.jit
 def _info_nce_rows_kernel(
     # pointers
-    X, Y, Z, GX1, GX2, STATS,
+    X, Y, Z, GX1, GX2, UP1, UP2, PSTATS,
     # sizes
-    B, D, inv_tau, scale, eps,
+    B, D, N_TILES, N_SPLIT, inv_tau, eps,
     # strides
-    stride_xb, stride_xd, stride_yb, stride_yd, stride_zb, stride_zd, stride_gb, stride_s,
+    stride_xb, stride_xd, stride_yb, stride_yd, stride_zb, stride_zd, stride_gb, stride_up, stride_ps, stride_pk,
     # meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HAS_Z: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """Row pass: online log-sum-exp, per-row loss, ``cos_ii`` and the row-side gradients ``dL/dx``."""
+    """Row pass, per (row block, split of the column tiles): online log-sum-exp statistics and the partial ``u``."""
     pid = tl.program_id(0)
+    pid_s = tl.program_id(1)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     r_mask = rows < B
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
+    # This split's column tiles [T s / S, T (s + 1) / S): at least one each (the host keeps S <= T).
+    t_lo = pid_s * N_TILES // N_SPLIT
+    n_here = (pid_s + 1) * N_TILES // N_SPLIT - t_lo
+    # Split 0 accumulates in the output gradient buffer (the merge kernel finishes it in place), split s > 0 in
+    # slot s - 1 of the partial buffer.
+    acc1 = UP1 + (pid_s - 1).to(tl.int64) * stride_up
+    acc2 = UP2 + (pid_s - 1).to(tl.int64) * stride_up
+    if pid_s == 0:
+        acc1 = GX1
+        acc2 = GX2
     m1 = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l1 = tl.zeros([BLOCK_M], tl.float32)
     s1 = tl.zeros([BLOCK_M], tl.float32)
@@ -118,7 +203,8 @@ def _info_nce_rows_kernel(
     diag2 = tl.zeros([BLOCK_M], tl.float32)
     rz_own = tl.zeros([BLOCK_M], tl.float32)
     rx = tl.zeros([BLOCK_M], tl.float32)
-    for n0 in range(0, B, BLOCK_N):
+    for it in range(0, n_here):  # (a tile counter: ``it > 0`` stays a plain bool in the interpreter)
+        n0 = (t_lo + it) * BLOCK_N
         cols = n0 + offs_n
         c_mask = cols < B
         dot1, dot2, ssx, ssy, ssz = _dot_tiles(
@@ -151,8 +237,8 @@ def _info_nce_rows_kernel(
             s2 = s2 * alpha2 + tl.sum(p2 * cos2, axis=1)
             m2 = new2
             pw2 = p2 * rz[None, :]
-        # u <- alpha u + P_tile @ y^_tile, kept in the (fp32) gradient buffer: this program owns these rows. Threads
-        # of this program read elements that other threads of it stored in the previous tile (load and store layouts
+        # u <- alpha u + P_tile @ y^_tile in this split's accumulator (rows only this program owns). Threads of this
+        # program read elements that other threads of it stored in the previous tile (load and store layouts
         # differ), so a CTA barrier orders those global accesses.
         tl.debug_barrier()
         for d0 in range(0, D, BLOCK_D):
@@ -162,98 +248,84 @@ def _info_nce_rows_kernel(
             g_mask = r_mask[:, None] & d_mask[None, :]
             y = tl.load(Y + cols[:, None] * stride_yb + d[None, :] * stride_yd,
                         mask=c_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
-            u1 = tl.load(GX1 + g_ptr, mask=g_mask & (n0 > 0), other=0.0)
+            u1 = tl.load(acc1 + g_ptr, mask=g_mask & (it > 0), other=0.0)
             u1 = tl.dot(pw1, y, u1 * alpha1[:, None], input_precision=PRECISION)
-            tl.store(GX1 + g_ptr, u1, mask=g_mask)
+            tl.store(acc1 + g_ptr, u1, mask=g_mask)
             if HAS_Z:
                 z = tl.load(Z + cols[:, None] * stride_zb + d[None, :] * stride_zd,
                             mask=c_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
-                u2 = tl.load(GX2 + g_ptr, mask=g_mask & (n0 > 0), other=0.0)
+                u2 = tl.load(acc2 + g_ptr, mask=g_mask & (it > 0), other=0.0)
                 u2 = tl.dot(pw2, z, u2 * alpha2[:, None], input_precision=PRECISION)
-                tl.store(GX2 + g_ptr, u2, mask=g_mask)
-    # Per-row statistics for the column pass and the loss: lse, loss_i = lse_i - cos_ii / tau, cos_ii.
-    lse1 = m1 + tl.log(l1)
-    tl.store(STATS + rows, lse1, mask=r_mask)
-    tl.store(STATS + stride_s + rows, lse1 - diag1 * inv_tau, mask=r_mask)
-    tl.store(STATS + 2 * stride_s + rows, diag1, mask=r_mask)
-    c1 = s1 / l1 - diag1
-    inv_l1 = 1.0 / l1
+                tl.store(acc2 + g_ptr, u2, mask=g_mask)
+    st = PSTATS + pid_s * stride_ps + rows
+    tl.store(st + 0 * stride_pk, m1, mask=r_mask)
+    tl.store(st + 1 * stride_pk, l1, mask=r_mask)
+    tl.store(st + 2 * stride_pk, s1, mask=r_mask)
+    tl.store(st + 6 * stride_pk, diag1, mask=r_mask)
+    tl.store(st + 8 * stride_pk, ry_own, mask=r_mask)
+    tl.store(st + 10 * stride_pk, rx, mask=r_mask)
     if HAS_Z:
-        lse2 = m2 + tl.log(l2)
-        tl.store(STATS + 3 * stride_s + rows, lse2, mask=r_mask)
-        tl.store(STATS + 4 * stride_s + rows, lse2 - diag2 * inv_tau, mask=r_mask)
-        tl.store(STATS + 5 * stride_s + rows, diag2, mask=r_mask)
-        c2 = s2 / l2 - diag2
-        inv_l2 = 1.0 / l2
-    # dL/dx_i = c/|x_i| (u_i / l_i - y^_i - x^_i (s_i / l_i - cos_ii))
-    tl.debug_barrier()
-    for d0 in range(0, D, BLOCK_D):
-        d = d0 + offs_d
-        d_mask = d < D
-        g_ptr = rows[:, None] * stride_gb + d[None, :]
-        g_mask = r_mask[:, None] & d_mask[None, :]
-        x = tl.load(X + rows[:, None] * stride_xb + d[None, :] * stride_xd, mask=g_mask, other=0.0).to(tl.float32)
-        xh = x * rx[:, None]
-        y = tl.load(Y + rows[:, None] * stride_yb + d[None, :] * stride_yd, mask=g_mask, other=0.0).to(tl.float32)
-        u1 = tl.load(GX1 + g_ptr, mask=g_mask, other=0.0)
-        g1 = (scale * rx)[:, None] * (u1 * inv_l1[:, None] - y * ry_own[:, None] - xh * c1[:, None])
-        tl.store(GX1 + g_ptr, g1, mask=g_mask)
-        if HAS_Z:
-            z = tl.load(Z + rows[:, None] * stride_zb + d[None, :] * stride_zd, mask=g_mask,
-                        other=0.0).to(tl.float32)
-            u2 = tl.load(GX2 + g_ptr, mask=g_mask, other=0.0)
-            g2 = (scale * rx)[:, None] * (u2 * inv_l2[:, None] - z * rz_own[:, None] - xh * c2[:, None])
-            tl.store(GX2 + g_ptr, g2, mask=g_mask)
+        tl.store(st + 3 * stride_pk, m2, mask=r_mask)
+        tl.store(st + 4 * stride_pk, l2, mask=r_mask)
+        tl.store(st + 5 * stride_pk, s2, mask=r_mask)
+        tl.store(st + 7 * stride_pk, diag2, mask=r_mask)
+        tl.store(st + 9 * stride_pk, rz_own, mask=r_mask)
 
 
 @triton.jit
 def _info_nce_cols_kernel(
     # pointers
-    X, Y, Z, GY, GZ, STATS, LOSS_CL, LOSS_S,
+    X, Y, Z, GY, GZ, VP1, VP2, PSTATS, CSTATS,
     # sizes
-    B, D, inv_tau, scale, inv_b, eps,
+    B, D, N_TILES, N_SPLIT, N_RSPLIT, inv_tau, eps,
     # strides
-    stride_xb, stride_xd, stride_yb, stride_yd, stride_zb, stride_zd, stride_gb, stride_s,
+    stride_xb, stride_xd, stride_yb, stride_yd, stride_zb, stride_zd, stride_gb, stride_vp, stride_ps, stride_pk,
+    stride_cs, stride_ck,
     # meta-parameters
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
-    HAS_Z: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HAS_Z: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
-    """Column pass: ``dL/dy`` (and ``dL/dz``) from ``P = exp(S - lse)``; program 0 also reduces the losses."""
+    """Column pass, per (column block, split of the row tiles): partial ``v`` and ``t`` from the exact ``P``."""
     pid = tl.program_id(0)
+    pid_s = tl.program_id(1)
     cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     c_mask = cols < B
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
+    t_lo = pid_s * N_TILES // N_SPLIT
+    m_here = (pid_s + 1) * N_TILES // N_SPLIT - t_lo
+    acc1 = VP1 + (pid_s - 1).to(tl.int64) * stride_vp
+    acc2 = VP2 + (pid_s - 1).to(tl.int64) * stride_vp
+    if pid_s == 0:
+        acc1 = GY
+        acc2 = GZ
     t1 = tl.zeros([BLOCK_N], tl.float32)
     t2 = tl.zeros([BLOCK_N], tl.float32)
-    rx_own = tl.zeros([BLOCK_N], tl.float32)
-    ry = tl.zeros([BLOCK_N], tl.float32)
-    rz = tl.zeros([BLOCK_N], tl.float32)
-    for m0 in range(0, B, BLOCK_M):
-        rows = m0 + offs_m
+    for it in range(0, m_here):
+        rows = (t_lo + it) * BLOCK_M + offs_m
         r_mask = rows < B
+        big1, sum1, _ = _row_stats(PSTATS, rows, r_mask, N_RSPLIT, stride_ps, stride_pk, 0, BLOCK_M)
+        lse1 = big1 + tl.log(sum1)
+        if HAS_Z:
+            big2, sum2, _ = _row_stats(PSTATS, rows, r_mask, N_RSPLIT, stride_ps, stride_pk, 3, BLOCK_M)
+            lse2 = big2 + tl.log(sum2)
         dot1, dot2, ssx, ssy, ssz = _dot_tiles(
             X, Y, Z, rows, cols, r_mask, c_mask, D, stride_xb, stride_xd, stride_yb, stride_yd, stride_zb, stride_zd,
             BLOCK_M, BLOCK_N, BLOCK_D, HAS_Z, PRECISION)
         rx = 1.0 / tl.maximum(tl.sqrt(ssx), eps)
         ry = 1.0 / tl.maximum(tl.sqrt(ssy), eps)
-        eye = rows[:, None] == cols[None, :]
-        rx_own += tl.sum(tl.where(eye, rx[:, None], 0.0), axis=0)
         valid = r_mask[:, None] & c_mask[None, :]
         cos1 = dot1 * rx[:, None] * ry[None, :]
-        lse1 = tl.load(STATS + rows, mask=r_mask, other=0.0)
         p1 = tl.where(valid, tl.exp(cos1 * inv_tau - lse1[:, None]), 0.0)
         t1 += tl.sum(p1 * cos1, axis=0)
         pw1 = p1 * rx[:, None]
         if HAS_Z:
             rz = 1.0 / tl.maximum(tl.sqrt(ssz), eps)
             cos2 = dot2 * rx[:, None] * rz[None, :]
-            lse2 = tl.load(STATS + 3 * stride_s + rows, mask=r_mask, other=0.0)
             p2 = tl.where(valid, tl.exp(cos2 * inv_tau - lse2[:, None]), 0.0)
             t2 += tl.sum(p2 * cos2, axis=0)
             pw2 = p2 * rx[:, None]
-        # v <- v + P_tile^T @ x^_tile in the (fp32) gradient buffer: this program owns these columns (barrier: as in
-        # the row pass).
+        # v <- v + P_tile^T @ x^_tile in this split's accumulator (barrier: as in the row pass).
         tl.debug_barrier()
         for d0 in range(0, D, BLOCK_D):
             d = d0 + offs_d
@@ -262,107 +334,226 @@ def _info_nce_cols_kernel(
             g_mask = c_mask[:, None] & d_mask[None, :]
             x = tl.load(X + rows[:, None] * stride_xb + d[None, :] * stride_xd,
                         mask=r_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
-            v1 = tl.load(GY + g_ptr, mask=g_mask & (m0 > 0), other=0.0)
+            v1 = tl.load(acc1 + g_ptr, mask=g_mask & (it > 0), other=0.0)
             v1 = tl.dot(tl.trans(pw1), x, v1, input_precision=PRECISION)
-            tl.store(GY + g_ptr, v1, mask=g_mask)
+            tl.store(acc1 + g_ptr, v1, mask=g_mask)
             if HAS_Z:
-                v2 = tl.load(GZ + g_ptr, mask=g_mask & (m0 > 0), other=0.0)
+                v2 = tl.load(acc2 + g_ptr, mask=g_mask & (it > 0), other=0.0)
                 v2 = tl.dot(tl.trans(pw2), x, v2, input_precision=PRECISION)
-                tl.store(GZ + g_ptr, v2, mask=g_mask)
-    # dL/dy_j = c/|y_j| (v_j - x^_j - y^_j (t_j - cos_jj))
-    tl.debug_barrier()
-    diag1 = tl.load(STATS + 2 * stride_s + cols, mask=c_mask, other=0.0)
-    c1 = t1 - diag1
+                tl.store(acc2 + g_ptr, v2, mask=g_mask)
+    tl.store(CSTATS + pid_s * stride_cs + cols, t1, mask=c_mask)
     if HAS_Z:
-        diag2 = tl.load(STATS + 5 * stride_s + cols, mask=c_mask, other=0.0)
-        c2 = t2 - diag2
-    for d0 in range(0, D, BLOCK_D):
-        d = d0 + offs_d
-        d_mask = d < D
-        g_ptr = cols[:, None] * stride_gb + d[None, :]
-        g_mask = c_mask[:, None] & d_mask[None, :]
-        xh = tl.load(X + cols[:, None] * stride_xb + d[None, :] * stride_xd, mask=g_mask,
-                     other=0.0).to(tl.float32) * rx_own[:, None]
-        y = tl.load(Y + cols[:, None] * stride_yb + d[None, :] * stride_yd, mask=g_mask, other=0.0).to(tl.float32)
-        v1 = tl.load(GY + g_ptr, mask=g_mask, other=0.0)
-        g1 = (scale * ry)[:, None] * (v1 - xh - y * (ry * c1)[:, None])
-        tl.store(GY + g_ptr, g1, mask=g_mask)
-        if HAS_Z:
-            z = tl.load(Z + cols[:, None] * stride_zb + d[None, :] * stride_zd, mask=g_mask,
-                        other=0.0).to(tl.float32)
-            v2 = tl.load(GZ + g_ptr, mask=g_mask, other=0.0)
-            g2 = (scale * rz)[:, None] * (v2 - xh - z * (rz * c2)[:, None])
-            tl.store(GZ + g_ptr, g2, mask=g_mask)
-    if pid == 0:
-        # The mean losses, summed in a fixed order by one program (deterministic).
+        tl.store(CSTATS + pid_s * stride_cs + stride_ck + cols, t2, mask=c_mask)
+
+
+@triton.jit
+def _info_nce_merge_kernel(
+    # pointers
+    X, Y, Z, GX1, GY, GX2, GZ, UP1, UP2, VP1, VP2, PSTATS, CSTATS, LOSS_CL, LOSS_S,
+    # sizes
+    B, D, N_RSPLIT, N_CSPLIT, inv_tau, scale, inv_b,
+    # strides
+    stride_xb, stride_xd, stride_yb, stride_yd, stride_zb, stride_zd, stride_gb, stride_up, stride_vp,
+    stride_ps, stride_pk, stride_cs, stride_ck,
+    # meta-parameters
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, HAS_Z: tl.constexpr,
+):
+    """Merge, per (row block, feature block): sum the splits' partial ``u`` and ``v`` in split order, write all
+    input gradients over the split-0 partials; program (0, 0) also reduces the losses."""
+    pid = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    r_mask = rows < B
+    d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_mask = d < D
+    g_ptr = rows[:, None] * stride_gb + d[None, :]
+    g_mask = r_mask[:, None] & d_mask[None, :]
+    rx = tl.load(PSTATS + 10 * stride_pk + rows, mask=r_mask, other=0.0)  # the same in every split
+    ry = _split_sum(PSTATS, rows, r_mask, N_RSPLIT, stride_ps, stride_pk, 8, BLOCK_M)
+    x = tl.load(X + rows[:, None] * stride_xb + d[None, :] * stride_xd, mask=g_mask, other=0.0).to(tl.float32)
+    xh = x * rx[:, None]
+    y = tl.load(Y + rows[:, None] * stride_yb + d[None, :] * stride_yd, mask=g_mask, other=0.0).to(tl.float32)
+    # L_cl: dL/dx_i = c/|x_i| (u_i / l_i - y^_i - x^_i (s_i / l_i - cos_ii)),
+    #       dL/dy_i = c/|y_i| (v_i - x^_i - y^_i (t_i - cos_ii)).
+    big1, sum1, ws1 = _row_stats(PSTATS, rows, r_mask, N_RSPLIT, stride_ps, stride_pk, 0, BLOCK_M)
+    diag1 = _split_sum(PSTATS, rows, r_mask, N_RSPLIT, stride_ps, stride_pk, 6, BLOCK_M)
+    t1 = _split_sum(CSTATS, rows, r_mask, N_CSPLIT, stride_cs, stride_ck, 0, BLOCK_M)
+    inv_l1 = 1.0 / sum1
+    u1 = tl.load(GX1 + g_ptr, mask=g_mask, other=0.0)
+    u1 *= tl.exp(tl.load(PSTATS + rows, mask=r_mask, other=0.0) - big1)[:, None]
+    v1 = tl.load(GY + g_ptr, mask=g_mask, other=0.0)
+    part = UP1  # slot sp - 1 holds split sp (the pointer advances: no 32-bit overflow of sp * stride)
+    for sp in range(1, N_RSPLIT):
+        e = tl.exp(tl.load(PSTATS + sp * stride_ps + rows, mask=r_mask, other=0.0) - big1)
+        u1 += tl.load(part + g_ptr, mask=g_mask, other=0.0) * e[:, None]
+        part += stride_up
+    part = VP1
+    for sp in range(1, N_CSPLIT):
+        v1 += tl.load(part + g_ptr, mask=g_mask, other=0.0)
+        part += stride_vp
+    g1 = (scale * rx)[:, None] * (u1 * inv_l1[:, None] - y * ry[:, None] - xh * (ws1 * inv_l1 - diag1)[:, None])
+    tl.store(GX1 + g_ptr, g1, mask=g_mask)
+    h1 = (scale * ry)[:, None] * (v1 - xh - y * (ry * (t1 - diag1))[:, None])
+    tl.store(GY + g_ptr, h1, mask=g_mask)
+    if HAS_Z:
+        rz = _split_sum(PSTATS, rows, r_mask, N_RSPLIT, stride_ps, stride_pk, 9, BLOCK_M)
+        z = tl.load(Z + rows[:, None] * stride_zb + d[None, :] * stride_zd, mask=g_mask, other=0.0).to(tl.float32)
+        big2, sum2, ws2 = _row_stats(PSTATS, rows, r_mask, N_RSPLIT, stride_ps, stride_pk, 3, BLOCK_M)
+        diag2 = _split_sum(PSTATS, rows, r_mask, N_RSPLIT, stride_ps, stride_pk, 7, BLOCK_M)
+        t2 = _split_sum(CSTATS, rows, r_mask, N_CSPLIT, stride_cs, stride_ck, 1, BLOCK_M)
+        inv_l2 = 1.0 / sum2
+        u2 = tl.load(GX2 + g_ptr, mask=g_mask, other=0.0)
+        u2 *= tl.exp(tl.load(PSTATS + 3 * stride_pk + rows, mask=r_mask, other=0.0) - big2)[:, None]
+        v2 = tl.load(GZ + g_ptr, mask=g_mask, other=0.0)
+        part = UP2
+        for sp in range(1, N_RSPLIT):
+            e = tl.exp(tl.load(PSTATS + sp * stride_ps + 3 * stride_pk + rows, mask=r_mask, other=0.0) - big2)
+            u2 += tl.load(part + g_ptr, mask=g_mask, other=0.0) * e[:, None]
+            part += stride_up
+        part = VP2
+        for sp in range(1, N_CSPLIT):
+            v2 += tl.load(part + g_ptr, mask=g_mask, other=0.0)
+            part += stride_vp
+        g2 = (scale * rx)[:, None] * (u2 * inv_l2[:, None] - z * rz[:, None] - xh * (ws2 * inv_l2 - diag2)[:, None])
+        tl.store(GX2 + g_ptr, g2, mask=g_mask)
+        h2 = (scale * rz)[:, None] * (v2 - xh - z * (rz * (t2 - diag2))[:, None])
+        tl.store(GZ + g_ptr, h2, mask=g_mask)
+    if pid + pid_d == 0:
+        # The mean losses, lse_i - cos_ii / tau summed in row order by one program (deterministic).
         offs_r = tl.arange(0, BLOCK_R)
         acc1 = tl.zeros([BLOCK_R], tl.float32)
         acc2 = tl.zeros([BLOCK_R], tl.float32)
         for r0 in range(0, B, BLOCK_R):
             r = r0 + offs_r
-            acc1 += tl.load(STATS + stride_s + r, mask=r < B, other=0.0)
+            rm = r < B
+            bg, sm, _ = _row_stats(PSTATS, r, rm, N_RSPLIT, stride_ps, stride_pk, 0, BLOCK_R)
+            dg = _split_sum(PSTATS, r, rm, N_RSPLIT, stride_ps, stride_pk, 6, BLOCK_R)
+            acc1 += tl.where(rm, bg + tl.log(sm) - dg * inv_tau, 0.0)
             if HAS_Z:
-                acc2 += tl.load(STATS + 4 * stride_s + r, mask=r < B, other=0.0)
+                bg, sm, _ = _row_stats(PSTATS, r, rm, N_RSPLIT, stride_ps, stride_pk, 3, BLOCK_R)
+                dg = _split_sum(PSTATS, r, rm, N_RSPLIT, stride_ps, stride_pk, 7, BLOCK_R)
+                acc2 += tl.where(rm, bg + tl.log(sm) - dg * inv_tau, 0.0)
         tl.store(LOSS_CL, tl.sum(acc1, axis=0) * inv_b)
         tl.store(LOSS_S, tl.sum(acc2, axis=0) * inv_b)
 
 
-def info_nce_config(batch: int, dim: int, device: torch.device, **overrides) -> dict:
-    """Tile sizes for the two kernels (a dict; keys may be overridden by keyword, and ``PRECISION`` may be added to
-    change the fp32 dots' ``input_precision``, e.g. for benchmarks).
+def _split_tile(batch: int, want: int, tiles=(64, 32, 16)) -> int:
+    """The widest tile that still cuts ``batch`` into at least ``want`` tiles (the narrowest if none does)."""
+    for tile in tiles:
+        if triton.cdiv(batch, tile) >= want:
+            return tile
+    return tiles[-1]
 
-    On CUDA the row/column blocks are small (16) so that even B = 64 gives several programs; on CPU tensors (the
-    interpreter) the tiles cover as much as possible, so few Python-level iterations run.
+
+def info_nce_config(batch: int, dim: int, device: torch.device, *, has_z: bool = True,
+                    dtype: torch.dtype = torch.float32, **overrides) -> dict:
+    """Tile sizes and split counts for the three kernels (a dict; keys may be overridden by keyword, and
+    ``PRECISION`` may be added to change the fp32 dots' ``input_precision``, e.g. for benchmarks).
+
+    Keys: ``ROWS_M``/``ROWS_N`` (row pass: row block, column tile), ``COLS_M``/``COLS_N`` (column pass: row tile,
+    column block), ``ROW_SPLITS``/``COL_SPLITS`` (programs per row / column block), ``BLOCK_D`` (feature step of
+    both passes), ``MERGE_M``/``MERGE_D`` (merge tile), ``num_warps``, ``num_stages``, ``maxnreg`` (passes 1 and
+    2) and ``merge_maxnreg``. On CUDA the blocks are 16 rows (columns) and the split counts come from ``batch``,
+    ``dim``, ``has_z`` and the device's SM count (module docstring); ``dtype`` (of ``x`` and ``y``) picks the
+    feature step and the pipelining depth. On CPU tensors (the interpreter) the blocks cover up to 64 rows and two
+    splits are used wherever there are two tiles, so the interpreter runs few programs but still the split/merge
+    path. Split counts are clamped to ``[1, number of tiles]``.
     """
+    n_acc = 2 if has_z else 1
     if device.type == "cpu":
         full = max(16, min(64, triton.next_power_of_2(batch)))
-        cfg = dict(ROWS_M=full, ROWS_N=full, COLS_M=full, COLS_N=full,
-                   BLOCK_D=max(16, min(128, triton.next_power_of_2(dim))), num_warps=4, num_stages=1)
+        tile = _split_tile(batch, 2)
+        cfg = dict(ROWS_M=full, ROWS_N=tile, COLS_M=tile, COLS_N=full,
+                   BLOCK_D=max(16, min(128, triton.next_power_of_2(dim))), MERGE_M=full, MERGE_D=None, num_warps=4,
+                   num_stages=1, ROW_SPLITS=None, COL_SPLITS=None)
+        target = 2 * triton.cdiv(batch, full)
+        cap = 2
     else:
-        # 16-row (16-column) blocks give B/16 programs per pass; BLOCK_D=32 keeps the fp32 tiles of both losses
-        # within the register file (checked with ptxas for sm_90: bench/gpu_bench.py --compile-only).
-        cfg = dict(ROWS_M=16, ROWS_N=64, COLS_M=64, COLS_N=16, BLOCK_D=32, num_warps=4, num_stages=2)
+        sms = _num_sms(device)
+        target = 2 * sms
+        cap = max(1, min(_MAX_SPLITS, 1 + _PARTIAL_BYTES // max(1, batch * dim * 4 * n_acc)))
+        want = min(cap, triton.cdiv(target, triton.cdiv(batch, 16)))
+        tile = _split_tile(batch, want, (32, 16))
+        # Registers (module docstring): at most 168 per thread (three 4-warp programs per SM), which without spills
+        # needs 16-wide feature steps for fp32 inputs and no pipelining for 16-bit ones.
+        fp32 = dtype == torch.float32
+        cfg = dict(ROWS_M=16, ROWS_N=tile, COLS_M=tile, COLS_N=16, BLOCK_D=16 if fp32 else 32, MERGE_M=16,
+                   MERGE_D=None, num_warps=4, num_stages=3 if fp32 else 1, maxnreg=168, merge_maxnreg=128,
+                   ROW_SPLITS=None, COL_SPLITS=None)
     cfg.update({k: v for k, v in overrides.items() if v is not None})
+    for splits, block, tile_key in (("ROW_SPLITS", "ROWS_M", "ROWS_N"), ("COL_SPLITS", "COLS_N", "COLS_M")):
+        tiles = triton.cdiv(batch, cfg[tile_key])
+        if cfg[splits] is None:
+            cfg[splits] = min(cap, triton.cdiv(target, triton.cdiv(batch, cfg[block])))
+        cfg[splits] = max(1, min(int(cfg[splits]), tiles))
+    if cfg["MERGE_D"] is None:
+        if device.type == "cpu":
+            cfg["MERGE_D"] = cfg["BLOCK_D"]
+        else:  # enough merge programs to cover the SMs once, in feature blocks of 64 or 32
+            blocks = triton.cdiv(batch, cfg["MERGE_M"])
+            cfg["MERGE_D"] = 64 if blocks * triton.cdiv(dim, 64) >= _num_sms(device) else 32
     return cfg
 
 
 def info_nce_forward(x: torch.Tensor, y: torch.Tensor, z: Optional[torch.Tensor], temperature: float,
                      **overrides):
-    """Launch the row and column passes (two launches) for ``L_cl`` (and ``L_s`` when ``z`` is given).
+    """Launch the row pass, the column pass and the merge (three launches) for ``L_cl`` (and ``L_s`` when ``z`` is
+    given); ``overrides`` go to :func:`info_nce_config`.
 
     ``x``, ``y``: ``(B, D)`` fp32/bf16/fp16; ``z``: ``(B, D)`` (fp32) or None. Returns
     ``(loss_cl, loss_s, gx1, gy, gx2, gz)``: 0-dim fp32 losses (``loss_s`` is 0 without ``z``) and fp32 ``(B, D)``
     gradients of ``L_cl`` w.r.t. ``x``, ``y`` and of ``L_s`` w.r.t. ``x``, ``z`` (the last two None without ``z``).
+    Deterministic: the same inputs give bit-identical outputs.
     """
     batch, dim = x.shape
     dev = x.device
-    cfg = info_nce_config(batch, dim, dev, **overrides)
     has_z = z is not None
+    cfg = info_nce_config(batch, dim, dev, has_z=has_z, dtype=x.dtype, **overrides)
+    n_r, n_c = cfg["ROW_SPLITS"], cfg["COL_SPLITS"]
     f32 = dict(device=dev, dtype=torch.float32)
+    n_acc = 2 if has_z else 1
+    # The gradients hold split 0's partial accumulators until the merge kernel overwrites them with the result.
     gx1, gy = torch.empty(batch, dim, **f32), torch.empty(batch, dim, **f32)
     gx2, gz = (torch.empty(batch, dim, **f32), torch.empty(batch, dim, **f32)) if has_z else (gx1, gy)
-    stats = torch.empty(6, batch, **f32)  # lse, loss, cos_ii for L_cl, then for L_s
+    # Partial accumulators of splits 1, 2, ...: (loss, split - 1, B, D); none with one split (then never read).
+    rpart = torch.empty(n_acc, n_r - 1, batch, dim, **f32) if n_r > 1 else None
+    cpart = torch.empty(n_acc, n_c - 1, batch, dim, **f32) if n_c > 1 else None
+    up1, up2 = (rpart[0], rpart[n_acc - 1]) if n_r > 1 else (gx1, gx2)
+    vp1, vp2 = (cpart[0], cpart[n_acc - 1]) if n_c > 1 else (gy, gz)
+    pstats = torch.empty(n_r, _N_STATS, batch, **f32)
+    cstats = torch.empty(n_c, 2, batch, **f32)
     loss_cl, loss_s = torch.empty((), **f32), torch.empty((), **f32)
     zz = z if has_z else y
     inv_tau = 1.0 / temperature
-    scale = 1.0 / (temperature * batch)
-    common = (batch, dim)
-    strides = (x.stride(0), x.stride(1), y.stride(0), y.stride(1), zz.stride(0), zz.stride(1), gx1.stride(0),
-               stats.stride(0))
     prec = cfg.get("PRECISION", fp32_dot_precision())
-    _info_nce_rows_kernel[(triton.cdiv(batch, cfg["ROWS_M"]),)](
-        x, y, zz, gx1, gx2, stats,
-        *common, inv_tau, scale, _EPS,
-        *strides,
+    xyz_strides = (x.stride(0), x.stride(1), y.stride(0), y.stride(1), zz.stride(0), zz.stride(1))
+    stride_gb = gx1.stride(0)
+    common = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if cfg.get("maxnreg"):
+        common["maxnreg"] = cfg["maxnreg"]
+    row_tiles = triton.cdiv(batch, cfg["ROWS_N"])
+    _info_nce_rows_kernel[(triton.cdiv(batch, cfg["ROWS_M"]), n_r)](
+        x, y, zz, gx1, gx2, up1, up2, pstats,
+        batch, dim, row_tiles, n_r, inv_tau, _EPS,
+        *xyz_strides, stride_gb, up1.stride(0), pstats.stride(0), pstats.stride(1),
         BLOCK_M=cfg["ROWS_M"], BLOCK_N=cfg["ROWS_N"], BLOCK_D=cfg["BLOCK_D"], HAS_Z=has_z, PRECISION=prec,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        **common,
     )
-    _info_nce_cols_kernel[(triton.cdiv(batch, cfg["COLS_N"]),)](
-        x, y, zz, gy, gz, stats, loss_cl, loss_s,
-        *common, inv_tau, scale, 1.0 / batch, _EPS,
-        *strides,
-        BLOCK_M=cfg["COLS_M"], BLOCK_N=cfg["COLS_N"], BLOCK_D=cfg["BLOCK_D"],
-        BLOCK_R=max(16, min(1024, triton.next_power_of_2(batch))), HAS_Z=has_z, PRECISION=prec,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    col_tiles = triton.cdiv(batch, cfg["COLS_M"])
+    _info_nce_cols_kernel[(triton.cdiv(batch, cfg["COLS_N"]), n_c)](
+        x, y, zz, gy, gz, vp1, vp2, pstats, cstats,
+        batch, dim, col_tiles, n_c, n_r, inv_tau, _EPS,
+        *xyz_strides, stride_gb, vp1.stride(0), pstats.stride(0), pstats.stride(1), cstats.stride(0),
+        cstats.stride(1),
+        BLOCK_M=cfg["COLS_M"], BLOCK_N=cfg["COLS_N"], BLOCK_D=cfg["BLOCK_D"], HAS_Z=has_z, PRECISION=prec,
+        **common,
+    )
+    _info_nce_merge_kernel[(triton.cdiv(batch, cfg["MERGE_M"]), triton.cdiv(dim, cfg["MERGE_D"]))](
+        x, y, zz, gx1, gy, gx2, gz, up1, up2, vp1, vp2, pstats, cstats, loss_cl, loss_s,
+        batch, dim, n_r, n_c, inv_tau, 1.0 / (temperature * batch), 1.0 / batch,
+        *xyz_strides, stride_gb, up1.stride(0), vp1.stride(0), pstats.stride(0), pstats.stride(1),
+        cstats.stride(0), cstats.stride(1),
+        BLOCK_M=cfg["MERGE_M"], BLOCK_D=cfg["MERGE_D"], BLOCK_R=max(16, min(1024, triton.next_power_of_2(batch))),
+        HAS_Z=has_z, num_warps=4, **({"maxnreg": cfg["merge_maxnreg"]} if cfg.get("merge_maxnreg") else {}),
     )
     return loss_cl, loss_s, gx1, gy, (gx2 if has_z else None), (gz if has_z else None)

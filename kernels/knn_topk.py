@@ -223,38 +223,44 @@ def merge_block(n_cand: int, device: torch.device) -> int:
     return max(16, min(1024 if device.type != "cpu" else 4096, triton.next_power_of_2(n_cand)))
 
 
-def knn_config(batch: int, size: int, dim: int, k: int, device: torch.device, **overrides) -> dict:
+def knn_config(batch: int, size: int, dim: int, k: int, device: torch.device, *,
+               dtype: torch.dtype = torch.float32, **overrides) -> dict:
     """Tile sizes and chunking for ``_knn_chunk_kernel`` (a dict; keys may be overridden by keyword, and
     ``PRECISION`` may be added to change the fp32 dot's ``input_precision``, e.g. for benchmarks).
 
     On CUDA: enough ``(row block, chunk)`` programs to fill the GPU about four times over, chunks a multiple of
-    ``BLOCK_N``. On CPU tensors (the interpreter) the tiles are large, so few Python-level iterations run. Without
-    overrides the result is cached per shape (launch overhead matters at the paper's small sizes).
+    ``BLOCK_N``; ``dtype`` (the buffer's) picks the feature step. On CPU tensors (the interpreter) the tiles are
+    large, so few Python-level iterations run. Without overrides the result is cached per shape (launch overhead
+    matters at the paper's small sizes).
     """
     overrides = {k_: v for k_, v in overrides.items() if v is not None}
     if not overrides:
-        return _knn_config_cached(batch, size, dim, k, device)
-    return _knn_config(batch, size, dim, k, device, overrides)
+        return _knn_config_cached(batch, size, dim, k, device, dtype)
+    return _knn_config(batch, size, dim, k, device, dtype, overrides)
 
 
 @functools.lru_cache(maxsize=256)
-def _knn_config_cached(batch, size, dim, k, device):
-    return _knn_config(batch, size, dim, k, device, {})
+def _knn_config_cached(batch, size, dim, k, device, dtype):
+    return _knn_config(batch, size, dim, k, device, dtype, {})
 
 
-def _knn_config(batch: int, size: int, dim: int, k: int, device: torch.device, overrides: dict) -> dict:
+def _knn_config(batch: int, size: int, dim: int, k: int, device: torch.device, dtype: torch.dtype,
+                overrides: dict) -> dict:
     if device.type == "cpu":
         cfg = dict(BLOCK_B=max(16, min(64, triton.next_power_of_2(batch))), BLOCK_N=64,
                    BLOCK_D=max(16, min(128, triton.next_power_of_2(dim))), num_warps=4, num_stages=1, chunk=None)
     else:
         # wgmma tiles on Hopper need 64 rows; tiny batches use 16-row mma.sync tiles. Small buffers use narrower
         # tiles so that more (row block, chunk) programs exist (latency), large ones wider tiles (throughput).
-        # Register use checked with ptxas for sm_90 (bench/gpu_bench.py --compile-only): no spills for 16-bit
-        # buffers, nor for fp32 with 64-row tiles and k <= 16 (small spills: fp32 with B <= 16 or k = 64).
+        # Register use checked with ptxas for sm_90 (bench/gpu_bench.py --compile-only, Triton 3.6 and 3.9): an fp32
+        # buffer steps D by 32, not 64, because tf32x3 keeps each fp32 operand as two TF32 halves: with 64, Triton
+        # 3.6 spilled at the paper's shape (64 x 1024 x 768, 8-24 bytes) and at 512 x 65536 x 1024 (216-240 bytes,
+        # 8 warps); with 32 neither version spills there (192-252 registers). 16-bit buffers keep 64 (123-152
+        # registers at the benchmark shapes, no spills). Still spilling, off the benchmark shapes: fp32, k = 64.
         block_b = 16 if batch <= 16 else 64
         wide = size > 16384 and block_b == 64
-        cfg = dict(BLOCK_B=block_b, BLOCK_N=128 if wide else 64, BLOCK_D=64, num_warps=8 if wide else 4,
-                   num_stages=3, chunk=None)
+        cfg = dict(BLOCK_B=block_b, BLOCK_N=128 if wide else 64, BLOCK_D=32 if dtype == torch.float32 else 64,
+                   num_warps=8 if wide else 4, num_stages=3, chunk=None)
     # The running top-k tile (BLOCK_B x K_PAD, values and slots) lives in registers: keep it at most 4096 entries.
     while cfg["BLOCK_B"] * k_pad(k) > 4096 and cfg["BLOCK_B"] > 16:
         cfg["BLOCK_B"] //= 2
@@ -283,7 +289,7 @@ def knn_topk_candidates(q: torch.Tensor, storage: torch.Tensor, k: int, self_slo
     batch, dim = q.shape
     size = storage.shape[0]
     kp = k_pad(k)
-    cfg = knn_config(batch, size, dim, k, q.device, **overrides)
+    cfg = knn_config(batch, size, dim, k, q.device, dtype=storage.dtype, **overrides)
     if q.device.type == "cpu" and q.dtype != storage.dtype:
         # The interpreter truncates fp32 -> bf16 casts (compiled Triton rounds to nearest even, like torch), so
         # round the query on the host there; on CUDA the kernel casts each tile itself.

@@ -171,6 +171,88 @@ def test_info_nce_matches_reference(B, D, dtype):
     assert_rel_close(b.grad, bd.grad, tol, "grad b")
 
 
+def _cos_ce_and_grads(a, b, temperature=0.05):
+    """The reference InfoNCE of ``a`` against ``b`` in float64 and its gradients in both."""
+    a, b = a.detach().double().requires_grad_(), b.detach().double().requires_grad_()
+    loss = R.cos_sim_ce(a, b, temperature)
+    return (loss.detach(),) + torch.autograd.grad(loss, (a, b))
+
+
+# Small blocks everywhere: several programs per pass, several splits, several merge programs.
+_SMALL = dict(ROWS_M=16, ROWS_N=16, COLS_M=16, COLS_N=16, BLOCK_D=16, MERGE_M=16, MERGE_D=16)
+
+
+@pytest.mark.parametrize("B, D, has_z, dtype, overrides", [
+    # 3 row blocks x 2 splits of 3 column tiles (2 does not divide 3), 3 column blocks x 3 splits; B and D not
+    # multiples of the blocks (D not a power of two), 2 merge blocks along D.
+    (40, 24, True, torch.float32, dict(_SMALL, ROW_SPLITS=2, COL_SPLITS=3)),
+    (40, 24, False, torch.float32, dict(_SMALL, ROW_SPLITS=3, COL_SPLITS=2)),
+    # One 64-row block, 3 tiles of 16 over 3 / 2 splits (the interpreter's default blocks, smaller split tiles).
+    (33, 13, True, torch.float32, dict(ROWS_N=16, COLS_M=16, ROW_SPLITS=3, COL_SPLITS=2)),
+    (33, 13, True, torch.bfloat16, {}),  # the defaults: 2 splits of 32
+    (1, 13, True, torch.float32, {}),    # B = 1: one tile, one split
+    (5, 96, False, torch.float16, dict(ROW_SPLITS=4, COL_SPLITS=4)),  # more splits asked than tiles: clamped to 1
+])
+def test_info_nce_forward_split_merge(B, D, has_z, dtype, overrides):
+    """``info_nce_forward`` with the row and column passes split over programs: both losses and all four
+    gradients against the float64 reference on the same (rounded) inputs."""
+    from iscse.kernels.info_nce import info_nce_config, info_nce_forward
+
+    x, y = torch.randn(B, D).to(dtype), torch.randn(B, D).to(dtype)
+    z = torch.randn(B, D) if has_z else None
+    cfg = info_nce_config(B, D, x.device, has_z=has_z, **overrides)
+    if B >= 17 and overrides.get("ROW_SPLITS", 2) > 1:
+        assert cfg["ROW_SPLITS"] > 1 and cfg["COL_SPLITS"] > 1, cfg  # the split/merge path runs
+    loss_cl, loss_s, gx1, gy, gx2, gz = info_nce_forward(x, y, z, 0.05, **overrides)
+    l1, rx1, ry = _cos_ce_and_grads(x, y)
+    assert loss_cl.dtype == torch.float32 and loss_cl.shape == () and gx1.dtype == torch.float32
+    assert_rel_close(loss_cl, l1, RTOL, "L_cl")
+    assert_rel_close(gx1, rx1, RTOL, "dL_cl/dx")
+    assert_rel_close(gy, ry, RTOL, "dL_cl/dy")
+    if has_z:
+        l2, rx2, rz = _cos_ce_and_grads(x, z)
+        assert_rel_close(loss_s, l2, RTOL, "L_s")
+        assert_rel_close(gx2, rx2, RTOL, "dL_s/dx")
+        assert_rel_close(gz, rz, RTOL, "dL_s/dz")
+    else:
+        assert loss_s.item() == 0.0 and gx2 is None and gz is None
+
+
+def test_info_nce_forward_deterministic_with_splits():
+    """Bit-identical outputs run to run with several splits per pass (the partials are merged in a fixed order,
+    no atomics); and the same function as one split, to rounding."""
+    from iscse.kernels.info_nce import info_nce_forward
+
+    B, D = 33, 13
+    x, y, z = torch.randn(B, D), torch.randn(B, D), torch.randn(B, D)
+    split = dict(ROWS_N=16, COLS_M=16, ROW_SPLITS=3, COL_SPLITS=2)
+    first = info_nce_forward(x, y, z, 0.05, **split)
+    second = info_nce_forward(x, y, z, 0.05, **split)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    single = info_nce_forward(x, y, z, 0.05, **dict(split, ROW_SPLITS=1, COL_SPLITS=1))
+    for name, a, b in zip(("L_cl", "L_s", "gx1", "gy", "gx2", "gz"), first, single):
+        assert_rel_close(a, b, 1e-5, name)
+
+
+def test_info_nce_config_fills_the_device():
+    """The CUDA split rule (evaluated for a 132-SM device: ``meta`` tensors stand in): two programs per SM at
+    (B, D) = (512, 1024), every 16-wide tile its own program at the paper's (64, 768), split counts never above the
+    tile count, and the partial buffers of one pass within their memory bound."""
+    from iscse.kernels.info_nce import _PARTIAL_BYTES, info_nce_config
+
+    meta = torch.device("meta")
+    for B, D in ((512, 1024), (64, 768), (1024, 768), (256, 768), (1, 768), (100, 13), (4096, 4096)):
+        cfg = info_nce_config(B, D, meta)
+        for block, tile, splits in (("ROWS_M", "ROWS_N", "ROW_SPLITS"), ("COLS_N", "COLS_M", "COL_SPLITS")):
+            blocks, tiles = -(-B // cfg[block]), -(-B // cfg[tile])
+            assert 1 <= cfg[splits] <= tiles
+            assert (cfg[splits] - 1) * B * D * 4 * 2 <= _PARTIAL_BYTES
+            if (B, D) == (512, 1024):
+                assert blocks * cfg[splits] >= 2 * 132
+            if (B, D) == (64, 768):
+                assert blocks * cfg[splits] == 16 and cfg[tile] == 16
+
+
 def test_losses_without_smoothing_returns_zero():
     """``losses(..., smooth=False)``: ``(L_cl, 0)``; L_s's gradient contributes nothing."""
     B, M, D = 5, 13, 13
