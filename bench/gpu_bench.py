@@ -470,8 +470,8 @@ def _count_launches(fn):
 
 
 def _fused_kernel(name: str) -> bool:
-    return any(s in name for s in ("_knn_chunk_kernel", "_knn_merge_kernel", "_smooth_fwd_kernel",
-                                   "_smooth_bwd_kernel", "_info_nce_rows_kernel", "_info_nce_cols_kernel"))
+    """Whether a profiled kernel name is one of iscse's Triton kernels (every one is ``_<op>_..._kernel``)."""
+    return "_kernel" in name and any(s in name for s in ("_knn_", "_smooth_", "_info_nce_", "_iscse_"))
 
 
 def _make_step(impl, B, M, D, k, dtype, device, compile_backend):
