@@ -6,9 +6,33 @@ from typing import Any, Dict, Optional
 
 import torch
 
-__all__ = ["MemoryBuffer"]
+__all__ = ["MemoryBuffer", "snapshot"]
 
 _BUFFER_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+# A copy that AOTAutograd's partitioner cannot recompute (custom ops are not on its recompute allowlist). Needed
+# under torch.compile: a step reads device state (step counter, pointer, fill count) and updates it in place; when
+# the backward runs after the compiled forward returned, the partitioner may recompute a value derived from such a
+# read (alpha from the step, the full flag) from the graph input, which by then holds the updated value, and the
+# gradient is silently wrong (seen with torch 2.13: the backward used alpha of the next step; upstream
+# pytorch/pytorch#197039, "Don't recompute reads of mutated inputs or mutable buffers", not merged). A snapshot is
+# saved for the backward instead.
+@torch.library.custom_op("iscse::snapshot", mutates_args=())
+def _snapshot_op(x: torch.Tensor) -> torch.Tensor:
+    return x.clone()
+
+
+@_snapshot_op.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+def snapshot(x: torch.Tensor) -> torch.Tensor:
+    """``x`` itself in eager mode; under ``torch.compile`` a copy the backward saves rather than recomputes. Apply to
+    every read of mutable device state whose value reaches the backward (see the comment above). Inputs must not
+    require grad."""
+    return _snapshot_op(x) if torch.compiler.is_compiling() else x
 
 
 def _count(name: str, value) -> int:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from . import _validation as V
 from .backends import get_backend, resolve_knn
-from .buffer import MemoryBuffer
+from .buffer import MemoryBuffer, snapshot
 
 __all__ = ["knn_topk", "smooth", "info_nce", "iscse_loss", "ISCSEOutput"]
 
@@ -193,11 +193,14 @@ def iscse_loss(z1: torch.Tensor, z2: torch.Tensor, buffer: MemoryBuffer, *, k: i
 
     q2 = F.normalize(z2, dim=-1)
     self_slots = buffer.push(q2) if push else None  # the write slots are the queries' own slots
+    # Reads of the buffer's device state, snapshotted under torch.compile (see iscse.buffer.snapshot).
+    self_slots = snapshot(self_slots) if self_slots is not None else None
+    ptr = snapshot(buffer.ptr_tensor)
     if knn.syncs_host or impl.syncs_host:
         smooth, full = buffer.full, None  # a host read, as these backends read the host anyway
     else:
-        smooth, full = True, buffer.full_tensor
-    l_cl, l_s = impl.losses(z1, z2, q2, buffer.storage, self_slots, buffer.ptr_tensor, k=k,
+        smooth, full = True, snapshot(buffer.full_tensor)
+    l_cl, l_s = impl.losses(z1, z2, q2, buffer.storage, self_slots, ptr, k=k,
                             temperature=temperature, attn_temperature=attn_temperature, smooth=smooth, knn=knn)
     if full is not None:
         # torch.where, not a product: a 0 * NaN would be NaN, and where's backward sends exactly 0 to the branch

@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from . import _validation as V
 from .backends import Backend, prepare, resolve_name
-from .buffer import MemoryBuffer
+from .buffer import MemoryBuffer, snapshot
 from .functional import iscse_loss
 
 __all__ = ["ISCSELoss", "alpha_schedule", "AlphaSchedule"]
@@ -201,7 +201,8 @@ class ISCSELoss(nn.Module):
 
     def _alpha(self) -> Union[float, torch.Tensor]:
         if callable(self.alpha):
-            return V.check_alpha(self.alpha(self._step), allow_tensor=True)
+            # snapshot: the step is advanced in place after the loss (see iscse.buffer.snapshot)
+            return V.check_alpha(self.alpha(snapshot(self._step)), allow_tensor=True)
         return self.alpha
 
     def current_alpha(self) -> float:

@@ -93,6 +93,54 @@ def test_training_step_is_one_graph_and_equals_eager():
     assert _graphs() <= 2 and not counters["graph_break"], (dict(counters["stats"]), dict(counters["graph_break"]))
 
 
+def test_compiled_forward_with_backward_outside():
+    """The usual pattern without trace_autograd_ops: encoder + criterion compiled (fullgraph), backward and
+    torch.optim outside; one graph, same losses as eager."""
+    results = []
+    for compile_it in (False, True):
+        torch.manual_seed(5)
+        encoder = torch.nn.Sequential(torch.nn.Linear(D, D), torch.nn.Tanh())
+        criterion = _criterion()
+        opt = torch.optim.SGD(encoder.parameters(), lr=0.05)  # (Adam would amplify fp32 rounding)
+
+        def forward(x1, x2):
+            return criterion(encoder(x1), encoder(x2))
+
+        fn = torch.compile(forward, fullgraph=True, backend="aot_eager") if compile_it else forward
+        torch.manual_seed(6)
+        losses = []
+        for _ in range(10):  # full from step 4 (0-based)
+            loss = fn(torch.randn(B, D), torch.randn(B, D))
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.detach())
+        results.append(torch.stack(losses))
+    torch.testing.assert_close(results[1], results[0], rtol=1e-6, atol=1e-6)
+    assert _graphs() <= 2 and not counters["graph_break"], (dict(counters["stats"]), dict(counters["graph_break"]))
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_backward_after_the_compiled_call_uses_that_steps_state(accumulate):
+    """Backward outside the compiled criterion (after the step counter, pointer and fill count were advanced in
+    place), also after a second call before the backward (gradient accumulation): the gradients equal eager ones.
+    Regression: AOTAutograd recomputed alpha in the backward from the already advanced step counter
+    (pytorch/pytorch#197039); iscse.buffer.snapshot pins such reads."""
+    eager, compiled = _criterion(), _criterion()
+    fn = torch.compile(compiled, fullgraph=True, backend="aot_eager")
+    for step in range(8):  # full from step 4 (0-based)
+        xs = [(torch.randn(B, D), torch.randn(B, D)) for _ in range(accumulate)]
+        grads = []
+        for crit in (eager, fn):
+            leaves = [x.clone().requires_grad_() for pair in xs for x in pair]
+            total = sum(crit(leaves[2 * i], leaves[2 * i + 1]) for i in range(accumulate))
+            total.backward()
+            grads.append([t.grad for t in leaves])
+        for g, h in zip(*grads):
+            torch.testing.assert_close(h, g, rtol=0, atol=0, msg=lambda m: f"step {step}: {m}")
+    assert compiled.step == eager.step == 8 * accumulate and compiled.buffer.full
+
+
 def test_no_recompilation_with_the_recompile_limit_at_one():
     """Dynamo itself refuses any recompilation here: 1 compiled graph, 25 steps."""
     crit = _criterion(alpha=0.1)
