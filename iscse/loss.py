@@ -205,9 +205,16 @@ class ISCSELoss(nn.Module):
             return V.check_alpha(self.alpha(snapshot(self._step)), allow_tensor=True)
         return self.alpha
 
-    def current_alpha(self) -> float:
-        """Alpha for the next updating call, as a float (reads the device for a schedule: use outside a step)."""
+    def current_alpha(self, as_tensor: bool = False) -> Union[float, torch.Tensor]:
+        """Alpha for the next updating call: a float (for a schedule this reads the device: a sync on CUDA, so not
+        once per step), or with ``as_tensor=True`` a 0-dim tensor on the buffer's device without any host read (to
+        log it with the losses)."""
         alpha = self._alpha()
+        if as_tensor:
+            if isinstance(alpha, torch.Tensor):
+                return alpha.detach().clone()
+            dtype = torch.float32 if self.buffer.device.type == "mps" else torch.float64
+            return torch.full((), alpha, dtype=dtype, device=self.buffer.device)
         return float(alpha.item()) if isinstance(alpha, torch.Tensor) else alpha
 
     def forward(self, z1: torch.Tensor, z2: torch.Tensor, update: Optional[bool] = None) -> torch.Tensor:

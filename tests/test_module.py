@@ -86,6 +86,9 @@ def test_cosine_schedule_in_the_module_matches_the_formula():
         l_cl, l_s = crit.last_components
         assert loss.item() == pytest.approx(l_cl.item() + sched(t) * l_s.item(), rel=1e-12)
         assert isinstance(sched(torch.tensor(t)), torch.Tensor)
+        as_tensor = crit.current_alpha(as_tensor=True)
+        assert as_tensor.shape == () and as_tensor.item() == pytest.approx(sched(t + 1), rel=1e-14)
+    assert iscse.ISCSELoss(8, buffer_size=8, k=3, alpha=0.3).current_alpha(as_tensor=True).item() == 0.3
 
 
 def test_state_dict_round_trip_and_next_step_equal():
