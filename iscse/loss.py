@@ -47,7 +47,8 @@ class AlphaSchedule:
     def __eq__(self, other) -> bool:
         return isinstance(other, AlphaSchedule) and self.to_dict() == other.to_dict()
 
-    __hash__ = None  # mutable attributes
+    def __hash__(self) -> int:
+        return hash(tuple(self.to_dict().values()))
 
     def __repr__(self) -> str:
         if self.kind == "constant":
@@ -138,8 +139,8 @@ class ISCSELoss(nn.Module):
     Inputs ``z1``, ``z2``: ``(B, D)``, ``B <= buffer_size``, any float dtype; the result is an fp32 scalar (fp64
     for fp64 inputs). State on the device: the buffer (rows, write pointer, fill count) and the step counter, so a
     training step makes no host synchronisation and can be compiled (``torch.compile``, no graph break, one graph
-    as the buffer fills and after) or captured in a CUDA graph (each replay pushes and advances like an eager
-    step). ``state_dict()`` saves the buffer, the step and the alpha schedule (a number or an
+    as the buffer fills and after; tested with the torch backend on CPU) or captured in a CUDA graph (each replay
+    pushes and advances like an eager step). ``state_dict()`` saves the buffer, the step and the alpha schedule (a number or an
     :func:`alpha_schedule`; other callables are not saved and are kept on load); it reads the device. The last
     components are kept detached in :attr:`last_components` for logging.
 
