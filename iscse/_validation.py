@@ -33,11 +33,32 @@ def check_pair(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor, dim: 
         raise ValueError(f"{name_a} and {name_b} must be on the same device, got {a.device} and {b.device}")
 
 
+def in_trace() -> bool:
+    """True while ``torch.compile`` traces or a CUDA graph is captured: no value may be read back to the host."""
+    if torch.compiler.is_compiling():
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def finite_check_wanted(check_finite, z: torch.Tensor) -> bool:
+    """Whether :func:`check_finite` runs for ``check_finite`` (None: auto, True, False) on ``z``'s device.
+
+    ``None`` (the default everywhere): on CPU tensors only, where reading a flag back costs no synchronisation;
+    ``True``: on every device (on CUDA a device-to-host read, i.e. a sync per step: opt in for debugging);
+    ``False``: never. Never while ``torch.compile`` traces or a CUDA graph is captured (a host read there would be a
+    graph break or an error)."""
+    if check_finite is None:
+        wanted = z.device.type == "cpu"
+    elif isinstance(check_finite, bool):
+        wanted = check_finite
+    else:
+        raise TypeError(f"check_finite must be None (auto), True or False, got {type(check_finite).__name__}")
+    return wanted and not in_trace()
+
+
 def check_finite(name: str, z: torch.Tensor) -> None:
-    """No NaN or inf in ``z``. This reads a flag back from the device (a host sync on CUDA), so it is skipped while
-    a CUDA graph is being captured; callers that want no sync at all pass ``check_finite=False``."""
-    if z.is_cuda and torch.cuda.is_current_stream_capturing():
-        return
+    """No NaN or inf in ``z``: reads a flag back from the device (free on CPU, a host sync on CUDA). Callers decide
+    with :func:`finite_check_wanted` whether to call it."""
     if not bool(torch.isfinite(z).all()):
         raise ValueError(f"{name} contains NaN or inf")
 
@@ -69,8 +90,14 @@ def check_k(k, candidates: int | None = None) -> int:
     return int(k)
 
 
-def check_alpha(alpha) -> float:
-    """A finite real number >= 0."""
+def check_alpha(alpha, allow_tensor: bool = False):
+    """A finite real number >= 0 (returned as a float), or with ``allow_tensor`` a 0-dim floating tensor (returned as
+    it is: its value is not checked, which would read it back to the host)."""
+    if allow_tensor and isinstance(alpha, torch.Tensor):
+        if alpha.dim() != 0 or not alpha.is_floating_point():
+            raise TypeError(f"alpha as a tensor must be a 0-dim floating tensor, got {alpha.dtype} of shape "
+                            f"{tuple(alpha.shape)}")
+        return alpha
     if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
         raise TypeError(f"alpha must be a number (or, for ISCSELoss, a callable of the step), "
                         f"got {type(alpha).__name__}")

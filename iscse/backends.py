@@ -5,11 +5,20 @@ A backend provides four operations on plain tensors (the functional API has alre
 - ``knn_topk(q, storage, k, self_slots, ptr)`` -> ``(vals, idx)``: for each query row, the ``k`` buffer slots with
   the largest dot product, sorted by descending value, the query's own slot (``self_slots[i]``) excluded when
   ``self_slots`` is not None. ``vals`` float32 (float64 for float64 inputs) ``(B, k)``, ``idx`` int64 ``(B, k)``
-  slot indices. ``ptr`` is the buffer's write pointer (only the reference uses it, to rebuild its shifted order).
+  slot indices. ``ptr`` is the buffer's write pointer, an int or a 0-dim int64 device tensor (a
+  :class:`~iscse.MemoryBuffer` passes its device tensor); only the reference (to rebuild its shifted order, by a
+  gather, without reading it) and FAISS's approximate index (which reads it) use it.
 - ``smooth(q, storage, idx, vals, attn_temperature)`` -> ``z*`` ``(B, D)``, differentiable in ``q``.
 - ``info_nce(a, b, temperature)`` -> scalar, differentiable in ``a`` and ``b``.
 - ``losses(z1, z2, q2, storage, self_slots, ptr, k, temperature, attn_temperature, smooth, knn)`` ->
-  ``(L_cl, L_s)``; the default composes the three above, a fused backend overrides it.
+  ``(L_cl, L_s)``; the default composes the three above, a fused backend overrides it. ``self_slots`` is None
+  when nothing is to be excluded. ``smooth`` is a Python bool: :func:`iscse.iscse_loss` passes ``True`` and masks
+  ``L_s`` with the buffer's device "full" flag itself, so no backend branches on a device value.
+
+A step must not read device values on the host (no ``.item()``, ``bool(tensor)``, ``int(tensor)`` or Python
+branches on them), so that it can be captured in a CUDA graph and compiled without graph breaks. A backend that
+cannot avoid it sets :attr:`Backend.syncs_host` (FAISS's approximate index, which reads the write pointer and runs
+on numpy arrays); :func:`iscse.iscse_loss` then decides on the host whether to smooth, as such a step syncs anyway.
 
 Backends are looked up by name with :func:`get_backend`; ``"auto"`` resolves by device (:func:`resolve_name`).
 """
@@ -20,7 +29,8 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-__all__ = ["Backend", "get_backend", "resolve_knn", "resolve_name", "available_backends", "BACKEND_NAMES"]
+__all__ = ["Backend", "get_backend", "resolve_knn", "resolve_name", "available_backends", "prepare",
+           "BACKEND_NAMES"]
 
 BACKEND_NAMES = ("auto", "reference", "torch", "triton", "faiss")
 
@@ -32,12 +42,18 @@ _REGISTRY: Dict[str, Tuple[str, str, str]] = {
     "faiss": ("iscse.faiss_ops", "FaissBackend", "pip install 'iscse[faiss]' (or 'iscse[faiss-gpu]')"),
 }
 _CACHE: Dict[str, "Backend"] = {}
+# Optional backends found missing (so a step does not try the import again: under torch.compile an import is a graph
+# break), and whether Triton imports (asked once).
+_MISSING: Dict[str, bool] = {}
+_TRITON_USABLE: Optional[bool] = None
 
 
 class Backend:
     """Base class: :meth:`losses` composes :meth:`knn_topk`, :meth:`smooth` and :meth:`info_nce`."""
 
     name = "base"
+    #: True when this backend reads device values on the host inside a step (see the module docstring).
+    syncs_host = False
 
     def knn_topk(self, q, storage, k, self_slots, ptr=0):  # pragma: no cover - interface
         raise NotImplementedError
@@ -60,12 +76,15 @@ class Backend:
 
 
 def _triton_usable() -> bool:
-    try:
-        importlib.import_module("triton")
-        importlib.import_module("iscse.triton_ops")
-    except ImportError:
-        return False
-    return True
+    global _TRITON_USABLE
+    if _TRITON_USABLE is None:
+        try:
+            importlib.import_module("triton")
+            importlib.import_module("iscse.triton_ops")
+            _TRITON_USABLE = True
+        except ImportError:
+            _TRITON_USABLE = False
+    return _TRITON_USABLE
 
 
 def resolve_name(name, device: torch.device) -> str:
@@ -114,13 +133,31 @@ def resolve_knn(backend, knn_backend, device: torch.device, size: int, batch: in
 
 def _faiss_prefers(device, size, batch, dim) -> bool:
     if "faiss" not in _CACHE:
+        if _MISSING.get("faiss"):
+            return False
         try:
             get_backend("faiss", device)
         except (ImportError, ValueError):
+            _MISSING["faiss"] = True
             return False
-    from .faiss_ops import prefer_faiss
+    return _CACHE["faiss"].prefers(device, size, batch, dim)
 
-    return prefer_faiss(device, size, batch, dim)
+
+def prepare(backend, knn_backend, device: torch.device | str) -> None:
+    """Import (once) every backend a step with these arguments may dispatch to on ``device``, so that a step traced
+    by ``torch.compile`` finds them loaded: an import inside a traced function is a graph break. :class:`iscse.ISCSELoss`
+    calls this when it is built and whenever it moves; callers of the functional API under ``torch.compile`` can
+    call it, or run one step eagerly, first. Missing optional dependencies are not raised here (the step raises
+    them, naming the extra to install)."""
+    device = torch.device(device)
+    for name in (backend, knn_backend):
+        if name is not None:
+            try:
+                get_backend(name, device)
+            except (ImportError, ValueError):
+                pass
+    if knn_backend is None and isinstance(backend, str) and backend == "auto" and device.type == "cpu":
+        _faiss_prefers(device, 0, 0, 0)  # imports FAISS, or records it missing
 
 
 def available_backends(device: torch.device | str = "cpu") -> Dict[str, bool]:

@@ -21,6 +21,14 @@ What it does, per device:
   below, where it was as fast or faster) and the BLAS block sizes (:data:`CPU_BLOCK_ROWS`) for its own duration,
   under a lock, and restores them.
 
+Host synchronisation (the other backends make none in a step): this backend may sync. On CPU it works on numpy
+views of the tensors (free on CPU) and reads a NaN flag. On CUDA this module reads nothing back itself, but
+whether FAISS's ``bfKnn`` synchronises internally, and whether its work can be captured in a CUDA graph, was not
+checked (no GPU was available). In approximate mode it reads the buffer's write pointer (``int(ptr)``), so it sets
+:attr:`FaissBackend.syncs_host` and :func:`iscse.iscse_loss` then decides on the host whether to smooth (skipping
+the kNN while the buffer fills, which also keeps the index from being trained on the empty rows). FAISS calls are
+opaque to ``torch.compile`` (a graph break each).
+
 Contract (as every backend, :mod:`iscse.backends`): for each query the ``k`` buffer slots with the largest inner
 product, the query's own slot excluded, as ``(vals, idx)`` of shape ``(B, k)`` sorted by descending value; ``vals``
 fp32 (fp64 when ``q`` or the buffer is fp64), ``idx`` int64 slot indices. The self slot is excluded by index, not
@@ -486,8 +494,15 @@ class FaissBackend(Backend):
         if self._ivf is not None:
             self._ivf.reset()
 
+    @property
+    def syncs_host(self) -> bool:
+        """True in approximate mode, which reads the write pointer and the rows on the host (see the module
+        docstring); exact mode makes no host read of its own on CUDA."""
+        return self.approximate
+
     def knn_topk(self, q, storage, k, self_slots, ptr=0):
-        """See :func:`knn_topk` (exact) and the class docstring (approximate)."""
+        """See :func:`knn_topk` (exact) and the class docstring (approximate). ``ptr``: an int or a 0-dim tensor
+        (read on the host in approximate mode)."""
         if not self.approximate:
             return knn_topk(q, storage, k, self_slots, self.gpu_resources)
         if storage.is_cuda:
@@ -497,6 +512,11 @@ class FaissBackend(Backend):
         self._ivf.sync(storage, int(ptr))
         dist, labels = self._ivf.search(q, storage, n)
         return _finish(q, storage, dist, labels, k, self_slots, recompute=_out_dtype(q, storage) == torch.float64)
+
+    @staticmethod
+    def prefers(device, M: int, B: int, D: int) -> bool:
+        """:func:`prefer_faiss` (so the dispatcher can ask without importing this module again)."""
+        return prefer_faiss(device, M, B, D)
 
     @staticmethod
     def _default(device: torch.device) -> Backend:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from . import _validation as V
 from .backends import get_backend, resolve_knn
-from .buffer import MemoryBuffer
+from .buffer import MemoryBuffer, snapshot
 
 __all__ = ["knn_topk", "smooth", "info_nce", "iscse_loss", "ISCSEOutput"]
 
@@ -32,9 +32,10 @@ class ISCSEOutput(NamedTuple):
     smooth: torch.Tensor
 
 
-def _storage(buffer: BufferLike, name: str = "buffer") -> Tuple[torch.Tensor, int]:
+def _storage(buffer: BufferLike, name: str = "buffer") -> Tuple[torch.Tensor, Union[int, torch.Tensor]]:
+    """``(storage, ptr)``: a buffer's ``ptr`` is its 0-dim device tensor (no host read), a plain tensor's is 0."""
     if isinstance(buffer, MemoryBuffer):
-        return buffer.storage, buffer.ptr
+        return buffer.storage, buffer.ptr_tensor
     if isinstance(buffer, torch.Tensor):
         if buffer.dim() != 2:
             raise ValueError(f"{name} must be a MemoryBuffer or a 2-D (M, D) tensor, got shape {tuple(buffer.shape)}")
@@ -134,27 +135,39 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float = 0.05, *, bac
 
 
 def iscse_loss(z1: torch.Tensor, z2: torch.Tensor, buffer: MemoryBuffer, *, k: int = 16, temperature: float = 0.05,
-               attn_temperature: float = 2.0, alpha: float = 0.1, backend: str = "auto",
+               attn_temperature: float = 2.0, alpha: Union[float, torch.Tensor] = 0.1, backend: str = "auto",
                knn_backend: Optional[str] = None, return_components: bool = False,
-               check_finite: bool = True) -> Union[torch.Tensor, ISCSEOutput]:
+               check_finite: Optional[bool] = None, push: bool = True) -> Union[torch.Tensor, ISCSEOutput]:
     """One IS-CSE step: push ``normalize(z2)`` into ``buffer``, return ``L_cl + alpha * L_s``.
 
     ``L_cl`` is InfoNCE of ``z1`` against ``z2``; once every buffer slot has been written, ``L_s`` is InfoNCE of
     ``z1`` against the smoothed positives ``z*`` (:func:`smooth` over the :func:`knn_topk` neighbours of
     ``q2 = normalize(z2)``, its own slot excluded), and zero before that (DESIGN.md §1).
 
+    No host synchronisation (with the default ``check_finite`` on CUDA): the write slots (the queries' own slots)
+    and whether the buffer is full come from the buffer's device state. ``L_s`` is computed every step and replaced
+    by zero (``torch.where`` on the device "full" flag, so neither its value nor its gradient reaches the result)
+    until the buffer is full; while it fills, the neighbours are found among the zero rows not yet written, which
+    keeps every value finite. A kNN backend that reads the host anyway (``FaissBackend(approximate=True)``:
+    ``Backend.syncs_host``) instead reads the flag on the host and skips the smoothing while the buffer fills.
+
     Args:
         z1, z2: ``(B, D)`` embeddings of the two dropout views (fp32/bf16/fp16/fp64), ``B <= buffer.size``.
         buffer: the :class:`MemoryBuffer` (``D`` must match); it is pushed to, on success only.
         k: neighbours per query (paper: 16). temperature: InfoNCE temperature (0.05). attn_temperature: the
-            attention divisor (2). alpha: weight of ``L_s`` (0.1), a number >= 0.
+            attention divisor (2). alpha: weight of ``L_s`` (0.1), a number >= 0 or a 0-dim floating tensor (e.g.
+            a schedule evaluated on the device; its value is checked on CPU only).
         backend: which implementation computes the loss (a name, or a :class:`~iscse.backends.Backend` instance
             such as ``FaissBackend(approximate=True)``); ``knn_backend``: another one for the kNN step only (e.g.
             ``"faiss"`` for very large buffers). Default: the same, except that under ``"auto"`` on CPU the kNN
             goes to FAISS, when installed, where it was measured faster (``M >= 16384`` and ``B >= 16``).
         return_components: return an :class:`ISCSEOutput` ``(loss, contrastive, smooth)`` instead of the loss.
-        check_finite: raise on NaN/inf in ``z1``/``z2`` (costs a device-to-host read on CUDA; skipped while a CUDA
-            graph is captured).
+        check_finite: raise ``ValueError`` on NaN/inf in ``z1``/``z2``. ``None`` (default): on CPU tensors only,
+            where the check costs no synchronisation; ``True``: on CUDA too (a device-to-host read every step);
+            ``False``: never. Skipped while ``torch.compile`` traces or a CUDA graph is captured.
+        push: ``True`` (default): push ``q2`` first, then exclude each query's own slot from its neighbours (a
+            training step). ``False``: leave the buffer unchanged and search all of its current rows (nothing to
+            exclude: the queries are not in it); ``L_s`` is on when the buffer is already full (an evaluation).
 
     Bad input raises ``ValueError``/``TypeError`` naming the argument before the buffer changes.
     """
@@ -167,16 +180,33 @@ def iscse_loss(z1: torch.Tensor, z2: torch.Tensor, buffer: MemoryBuffer, *, k: i
     k = V.check_k(k, buffer.size - 1)
     temperature = V.check_positive("temperature", temperature)
     attn_temperature = V.check_positive("attn_temperature", attn_temperature)
-    alpha = V.check_alpha(alpha)
+    alpha = V.check_alpha(alpha, allow_tensor=True)
+    if isinstance(alpha, torch.Tensor):
+        V.check_same_device("alpha", alpha, z1.device, "z1")
+    if not isinstance(push, bool):
+        raise TypeError(f"push must be a bool, got {type(push).__name__}")
     impl = get_backend(backend, z1.device)
     knn = resolve_knn(backend, knn_backend, z1.device, buffer.size, z1.shape[0], z1.shape[1]) or impl
-    if check_finite:
+    if V.finite_check_wanted(check_finite, z1):
         V.check_finite("z1", z1)
         V.check_finite("z2", z2)
 
     q2 = F.normalize(z2, dim=-1)
-    buffer.push(q2)
-    l_cl, l_s = impl.losses(z1, z2, q2, buffer.storage, buffer.last_slots(), buffer.ptr, k=k,
-                            temperature=temperature, attn_temperature=attn_temperature, smooth=buffer.full, knn=knn)
+    self_slots = buffer.push(q2) if push else None  # the write slots are the queries' own slots
+    # Reads of the buffer's device state, snapshotted under torch.compile (see iscse.buffer.snapshot).
+    self_slots = snapshot(self_slots) if self_slots is not None else None
+    ptr = snapshot(buffer.ptr_tensor)
+    if knn.syncs_host or impl.syncs_host:
+        smooth, full = buffer.full, None  # a host read, as these backends read the host anyway
+    else:
+        smooth, full = True, snapshot(buffer.full_tensor)
+    l_cl, l_s = impl.losses(z1, z2, q2, buffer.storage, self_slots, ptr, k=k,
+                            temperature=temperature, attn_temperature=attn_temperature, smooth=smooth, knn=knn)
+    if full is not None:
+        # torch.where, not a product: a 0 * NaN would be NaN, and where's backward sends exactly 0 to the branch
+        # not taken.
+        l_s = torch.where(full, l_s, torch.zeros((), dtype=l_s.dtype, device=l_s.device))
+    if isinstance(alpha, torch.Tensor):
+        alpha = alpha.to(l_s.dtype)
     loss = l_cl + alpha * l_s
     return ISCSEOutput(loss, l_cl, l_s) if return_components else loss

@@ -3,31 +3,52 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Callable, Optional, Union
+from typing import Any, Callable, Dict, Optional, Union
 
 import torch
 import torch.nn as nn
 
 from . import _validation as V
-from .backends import Backend, resolve_name
-from .buffer import MemoryBuffer
+from .backends import Backend, prepare, resolve_name
+from .buffer import MemoryBuffer, snapshot
 from .functional import iscse_loss
 
 __all__ = ["ISCSELoss", "alpha_schedule", "AlphaSchedule"]
 
 
 class AlphaSchedule:
-    """A weight for ``L_s`` as a function of the training step; build one with :func:`alpha_schedule`."""
+    """A weight for ``L_s`` as a function of the training step; build one with :func:`alpha_schedule`.
+
+    Called with a Python int it returns a float (the formula in ``math``); called with a 0-dim integer tensor (what
+    :class:`ISCSELoss` passes: its step counter, on the buffer's device) the cosine schedule is evaluated in tensor
+    math on that device (float64, except on MPS), so a step neither reads the device nor depends on a Python value
+    that changes every step (no ``torch.compile`` recompilation). The constant schedule returns its float either way.
+    """
 
     def __init__(self, kind: str, value: float, start: float, end: float, total_steps: Optional[int]):
         self.kind, self.value, self.start, self.end, self.total_steps = kind, value, start, end, total_steps
 
-    def __call__(self, step: int) -> float:
+    def __call__(self, step: Union[int, torch.Tensor]) -> Union[float, torch.Tensor]:
         if self.kind == "constant":
             return self.value
         # The paper's cosine schedule (its code's cosineSchedule): capped at `end`.
+        if isinstance(step, torch.Tensor):
+            dtype = torch.float32 if step.device.type == "mps" else torch.float64
+            alpha = torch.cos(math.pi * step.to(dtype) / self.total_steps) * (self.start - self.end) + self.end
+            return alpha.clamp_max(self.end)
         alpha = math.cos(math.pi * step / self.total_steps) * (self.start - self.end) + self.end
         return min(self.end, alpha)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The schedule's arguments (saved in :meth:`ISCSELoss.state_dict`); :func:`alpha_schedule` rebuilds it."""
+        return {"kind": self.kind, "value": self.value, "start": self.start, "end": self.end,
+                "total_steps": self.total_steps}
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, AlphaSchedule) and self.to_dict() == other.to_dict()
+
+    def __hash__(self) -> int:
+        return hash(tuple(self.to_dict().values()))
 
     def __repr__(self) -> str:
         if self.kind == "constant":
@@ -43,7 +64,8 @@ def alpha_schedule(kind: str = "constant", *, value: float = 0.1, start: float =
     - ``"cosine"``: ``alpha(t) = min(end, cos(pi t / T) (start - end) + end)`` with ``T = total_steps`` (paper: start
       0.005, end 0.05 for the large models): it rises from ``start`` to ``end`` over the first half and stays there.
 
-    Returns a callable ``alpha(step) -> float``, which :class:`ISCSELoss` accepts as ``alpha``.
+    Returns a callable ``alpha(step)`` (a float for an int step, a 0-dim tensor for a tensor step; see
+    :class:`AlphaSchedule`), which :class:`ISCSELoss` accepts as ``alpha``.
     """
     if kind not in ("constant", "cosine"):
         raise ValueError(f"kind must be 'constant' or 'cosine', got {kind!r}")
@@ -55,27 +77,71 @@ def alpha_schedule(kind: str = "constant", *, value: float = 0.1, start: float =
     return AlphaSchedule(kind, value, start, end, total_steps)
 
 
+def _alpha_state(alpha) -> Optional[Dict[str, Any]]:
+    """What :meth:`ISCSELoss.get_extra_state` saves of ``alpha``: a float or an :class:`AlphaSchedule` as a dict,
+    None for any other callable (which cannot be saved)."""
+    if isinstance(alpha, AlphaSchedule):
+        return alpha.to_dict()
+    if isinstance(alpha, float):
+        return {"kind": "constant", "value": alpha}
+    return None
+
+
+def _alpha_from_state(state) -> Union[float, AlphaSchedule]:
+    if not isinstance(state, dict) or state.get("kind") not in ("constant", "cosine"):
+        raise ValueError(f"ISCSELoss state['alpha'] must be None or a dict with kind 'constant' or 'cosine', "
+                         f"got {state!r}")
+    if "start" not in state:  # a plain number was saved
+        return V.check_alpha(state.get("value"))
+    return alpha_schedule(state["kind"], value=state["value"], start=state["start"], end=state["end"],
+                          total_steps=state["total_steps"])
+
+
 class ISCSELoss(nn.Module):
     """IS-CSE loss with its own memory buffer: ``loss = criterion(z1, z2)``.
 
     Computes ``L = L_cl + alpha * L_s`` (He et al., "Instance Smoothing Improves Unsupervised Sentence Embeddings",
     AAAI 2023): ``L_cl`` is the SimCSE InfoNCE of ``z1`` against ``z2`` at temperature ``temperature`` (0.05, i.e. a
     logit scale of 20); ``L_s`` is the same loss against smoothed positives, each ``normalize(z2_i)`` averaged with
-    its ``k`` nearest buffer rows by attention (divisor ``attn_temperature``). Every call pushes ``normalize(z2)``
-    into the buffer (a FIFO of ``buffer_size`` rows); ``L_s`` starts once the buffer is full.
+    its ``k`` nearest buffer rows by attention (divisor ``attn_temperature``). A training call pushes
+    ``normalize(z2)`` into the buffer (a FIFO of ``buffer_size`` rows) and advances the step; ``L_s`` starts once
+    the buffer is full.
+
+    Training and evaluation calls (``forward(z1, z2, update=None)``):
+
+    - ``update=None`` (default): update when the module is in training mode and gradients are enabled; a call in
+      eval mode (``criterion.eval()``) or under ``torch.no_grad()`` / ``torch.inference_mode()`` does not.
+    - update (``update=True``): push ``normalize(z2)``, search the ``k`` neighbours of each query among the buffer
+      rows other than its own slot, advance the step (the alpha schedule's input) by one.
+    - no update (``update=False``): the buffer and the step are left unchanged; the queries are not in the buffer,
+      so their neighbours are the ``k`` nearest of all ``M`` current rows (nothing excluded), and ``L_s`` is on when
+      the buffer is already full (zero before). Alpha is the value at the current step.
 
     Args:
         dim: embedding width ``D``.
         buffer_size: buffer rows ``M`` (paper 1024). k: neighbours (paper 16).
         temperature, attn_temperature: as above. alpha: a number, or a callable of the step such as
-            ``alpha_schedule("cosine", total_steps=T)``; the step is the number of earlier calls.
+            ``alpha_schedule("cosine", total_steps=T)``. A callable receives the step (the number of earlier
+            updating calls) as a 0-dim int64 tensor on the buffer's device and returns a number or a 0-dim floating
+            tensor on that device; written in tensor math (``torch.cos`` ...) it keeps a step free of host reads and
+            of ``torch.compile`` recompilations (:func:`alpha_schedule`'s schedules are). A callable that turns the
+            step into a Python number (``int(step)``, ``math.cos(step)``, ``step < n`` in an ``if``) still works
+            eagerly, at the cost of a host read on CUDA and a graph break under ``torch.compile``.
         backend: ``"auto"``, ``"torch"``, ``"reference"``, ``"triton"`` or ``"faiss"``; knn_backend: another
             backend for the kNN step only (default: the same).
-        buffer_dtype: the buffer's storage dtype (fp32 default; bf16 halves its memory).
-        check_finite: raise on NaN/inf input (a device-to-host read on CUDA).
+        buffer_dtype: the buffer's storage dtype (fp32 default; bf16 halves its memory). ``module.to(dtype)``,
+            ``.half()``, ``.double()`` do not change it (device moves do move the buffer); set
+            :attr:`buffer_dtype` to change it.
+        check_finite: raise ``ValueError`` on NaN/inf input. ``None`` (default): on CPU only, where it costs no
+            synchronisation; ``True``: on CUDA too (a device-to-host read every step); ``False``: never. Skipped
+            under ``torch.compile`` and CUDA graph capture.
 
     Inputs ``z1``, ``z2``: ``(B, D)``, ``B <= buffer_size``, any float dtype; the result is an fp32 scalar (fp64
-    for fp64 inputs). The buffer moves with ``.to()`` and is saved in ``state_dict()`` with the step count; the last
+    for fp64 inputs). State on the device: the buffer (rows, write pointer, fill count) and the step counter, so a
+    training step makes no host synchronisation and can be compiled (``torch.compile``, no graph break, one graph
+    as the buffer fills and after; tested with the torch backend on CPU) or captured in a CUDA graph (each replay
+    pushes and advances like an eager step). ``state_dict()`` saves the buffer, the step and the alpha schedule (a number or an
+    :func:`alpha_schedule`; other callables are not saved and are kept on load); it reads the device. The last
     components are kept detached in :attr:`last_components` for logging.
 
     Example::
@@ -87,9 +153,9 @@ class ISCSELoss(nn.Module):
     """
 
     def __init__(self, dim: int, buffer_size: int = 1024, k: int = 16, temperature: float = 0.05,
-                 attn_temperature: float = 2.0, alpha: Union[float, Callable[[int], float]] = 0.1,
+                 attn_temperature: float = 2.0, alpha: Union[float, Callable[[torch.Tensor], Any]] = 0.1,
                  backend: str = "auto", knn_backend: Optional[str] = None, buffer_dtype: torch.dtype = torch.float32,
-                 check_finite: bool = True) -> None:
+                 check_finite: Optional[bool] = None) -> None:
         super().__init__()
         V.check_k(k, buffer_size - 1 if isinstance(buffer_size, int) else None)
         self.buffer = MemoryBuffer(buffer_size, dim, dtype=buffer_dtype)
@@ -101,37 +167,106 @@ class ISCSELoss(nn.Module):
             if value is not None and not isinstance(value, Backend):
                 resolve_name(value, torch.device("cpu"))  # validates the name
         self.backend, self.knn_backend = backend, knn_backend
-        self.check_finite = bool(check_finite)
-        self.step = 0
+        prepare(backend, knn_backend, self.buffer.device)
+        if check_finite is not None and not isinstance(check_finite, bool):
+            raise TypeError(f"check_finite must be None (auto), True or False, got {type(check_finite).__name__}")
+        self.check_finite = check_finite
+        # Updating calls so far: a 0-dim int64 tensor beside the buffer, advanced in place (see the class docstring).
+        self._step = torch.zeros((), dtype=torch.int64, device=self.buffer.device)
         self.last_components: Optional[tuple] = None
 
-    def current_alpha(self) -> float:
-        """Alpha for the next call."""
-        return V.check_alpha(self.alpha(self.step)) if callable(self.alpha) else self.alpha
+    @property
+    def step(self) -> int:
+        """Updating calls so far, as an int (reads the device: a sync on CUDA; use outside a step). Assignable."""
+        return int(self._step.item())
 
-    def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
-        """The scalar loss for one batch; pushes ``normalize(z2)`` into the buffer."""
+    @step.setter
+    def step(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+            raise ValueError(f"step must be an int >= 0, got {value!r}")
+        self._step.fill_(int(value))
+
+    @property
+    def step_tensor(self) -> torch.Tensor:
+        """The step counter itself: a 0-dim int64 tensor on the buffer's device (no host read)."""
+        return self._step
+
+    @property
+    def buffer_dtype(self) -> torch.dtype:
+        """The buffer's storage dtype; assign to cast it (``criterion.buffer_dtype = torch.bfloat16``)."""
+        return self.buffer.dtype
+
+    @buffer_dtype.setter
+    def buffer_dtype(self, dtype: torch.dtype) -> None:
+        self.buffer.to(dtype=dtype)
+
+    def _alpha(self) -> Union[float, torch.Tensor]:
+        if callable(self.alpha):
+            # snapshot: the step is advanced in place after the loss (see iscse.buffer.snapshot)
+            return V.check_alpha(self.alpha(snapshot(self._step)), allow_tensor=True)
+        return self.alpha
+
+    def current_alpha(self, as_tensor: bool = False) -> Union[float, torch.Tensor]:
+        """Alpha for the next updating call: a float (for a schedule this reads the device: a sync on CUDA, so not
+        once per step), or with ``as_tensor=True`` a 0-dim tensor on the buffer's device without any host read (to
+        log it with the losses)."""
+        alpha = self._alpha()
+        if as_tensor:
+            if isinstance(alpha, torch.Tensor):
+                return alpha.detach().clone()
+            dtype = torch.float32 if self.buffer.device.type == "mps" else torch.float64
+            return torch.full((), alpha, dtype=dtype, device=self.buffer.device)
+        return float(alpha.item()) if isinstance(alpha, torch.Tensor) else alpha
+
+    def forward(self, z1: torch.Tensor, z2: torch.Tensor, update: Optional[bool] = None) -> torch.Tensor:
+        """The scalar loss for one batch. ``update``: push ``normalize(z2)`` and advance the step (True), or leave
+        both unchanged (False); None (default): update in training mode with gradients enabled (see the class
+        docstring for the neighbours each kind of call uses)."""
+        if update is None:
+            update = self.training and torch.is_grad_enabled()
+        elif not isinstance(update, bool):
+            raise TypeError(f"update must be None, True or False, got {type(update).__name__}")
         out = iscse_loss(z1, z2, self.buffer, k=self.k, temperature=self.temperature,
-                         attn_temperature=self.attn_temperature, alpha=self.current_alpha(), backend=self.backend,
-                         knn_backend=self.knn_backend, return_components=True, check_finite=self.check_finite)
-        self.step += 1
+                         attn_temperature=self.attn_temperature, alpha=self._alpha(), backend=self.backend,
+                         knn_backend=self.knn_backend, return_components=True, check_finite=self.check_finite,
+                         push=update)
+        if update:
+            self._step.add_(1)
         self.last_components = (out.contrastive.detach(), out.smooth.detach())
         return out.loss
 
     def _apply(self, fn, *args, **kwargs):
         super()._apply(fn, *args, **kwargs)
-        self.buffer.storage = fn(self.buffer.storage)
+        # Applied to the int64 step, the conversions of .to(dtype), .half(), .double() ... change nothing but the
+        # device (they cast floating tensors only); the buffer follows that device and keeps its dtype.
+        step = fn(self._step)
+        self._step = step if step.dtype == torch.int64 else step.to(torch.int64)
+        self.buffer.to(device=self._step.device)
+        prepare(self.backend, self.knn_backend, self._step.device)
         return self
 
     def get_extra_state(self):
-        return {"buffer": self.buffer.state_dict(), "step": self.step}
+        """``{"buffer": MemoryBuffer.state_dict(), "step": int, "alpha": dict or None}`` (reads the device)."""
+        return {"buffer": self.buffer.state_dict(), "step": self.step, "alpha": _alpha_state(self.alpha)}
 
     def set_extra_state(self, state) -> None:
+        """Restore the buffer, the step and (when saved) the alpha schedule; accepts earlier versions' state (no
+        ``alpha``). Validated before anything changes."""
         if not isinstance(state, dict) or "buffer" not in state:
             raise ValueError("ISCSELoss state must be a dict with a 'buffer' entry (from state_dict())")
-        self.buffer.load_state_dict(state["buffer"])
-        self.step = int(state.get("step", 0))
+        step = state.get("step", 0)
+        if isinstance(step, torch.Tensor) and step.numel() == 1 and not step.is_floating_point():
+            step = int(step.item())
+        if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
+            raise ValueError(f"ISCSELoss state['step'] must be an int >= 0, got {step!r}")
+        alpha = state.get("alpha")
+        alpha = None if alpha is None else _alpha_from_state(alpha)
+        self.buffer.load_state_dict(state["buffer"])  # validates before it changes anything
+        self._step.fill_(int(step))
+        if alpha is not None:
+            self.alpha = alpha
 
     def extra_repr(self) -> str:
         return (f"dim={self.buffer.dim}, buffer_size={self.buffer.size}, k={self.k}, temperature={self.temperature}, "
-                f"attn_temperature={self.attn_temperature}, alpha={self.alpha!r}, backend={self.backend!r}")
+                f"attn_temperature={self.attn_temperature}, alpha={self.alpha!r}, backend={self.backend!r}, "
+                f"buffer_dtype={self.buffer.dtype}")

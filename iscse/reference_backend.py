@@ -1,7 +1,8 @@
 """``backend="reference"``: the paper's operations (:mod:`iscse.reference`) behind the backend interface.
 
 The reference works on its ``cat``-shifted buffer order, so the ring buffer's storage is rolled into that order
-first (a full copy, as the reference's own ``cat`` is) and the returned ranks are mapped back to slots.
+first (a full copy, as the reference's own ``cat`` is; a gather at the write pointer, so the pointer may be a device
+tensor and is never read on the host) and the returned ranks are mapped back to slots.
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ class ReferenceBackend(Backend):
 
     def knn_topk(self, q, storage, k, self_slots, ptr=0):
         size = storage.shape[0]
-        rows = torch.roll(storage, shifts=-ptr, dims=0)
+        ranks_to_slots = (torch.arange(size, device=storage.device) + ptr).remainder(size)
+        rows = storage.index_select(0, ranks_to_slots)  # torch.roll(storage, -ptr, 0) without reading ptr
         anchors = q.detach().to(rows.dtype)
         sim = torch.matmul(anchors, rows.transpose(0, 1))  # (B, M)
         order = torch.argsort(sim, dim=-1, descending=True)

@@ -203,6 +203,10 @@ class TritonBackend(Backend):
                knn: Optional[Backend] = None):
         """``(L_cl, L_s)`` fused (:class:`ISCSELossesFunction`); ``L_s`` is 0 when ``smooth`` is False.
 
+        ``smooth`` is a Python bool that selects the kernels (:func:`iscse.iscse_loss` passes True and masks
+        ``L_s`` with the buffer's device "full" flag, so this never branches on a device value); ``self_slots`` may
+        be None (nothing excluded: an evaluation call); ``ptr`` is only handed on to a non-Triton ``knn``.
+
         ``q2`` must be ``F.normalize(z2, dim=-1)`` (as :func:`iscse.iscse_loss` passes it): its value feeds the kNN
         and the aggregation, and the gradient through it is added to ``z2``'s inside the backward kernel (``q2``'s
         own graph is not used). ``knn``: another backend to find the neighbours (e.g. FAISS); the Triton kNN runs
