@@ -5,9 +5,9 @@ One name per op through every layer: ``iscse.kernels.knn_topk`` -> :func:`knn_to
 :func:`info_nce`; all three fused -> :class:`ISCSELossesFunction` -> :meth:`TritonBackend.losses`.
 
 The fused step (:meth:`TritonBackend.losses`) launches, in forward: the kNN chunk kernel, the aggregation kernel
-(which also merges the kNN's per-chunk candidates), and the two passes of the dual InfoNCE (which also produce every
-input gradient); in backward: one kernel (scales those gradients by ``grad_output``, smooth backward, ``normalize``
-backward). Five launches for forward + backward, no host synchronisation (no ``.item()``, no Python branch on device
+(which also merges the kNN's per-chunk candidates), and the three kernels of the dual InfoNCE (row pass, column pass,
+merge of the split partials; they also produce every input gradient); in backward: one kernel (scales those gradients
+by ``grad_output``, smooth backward, ``normalize`` backward). Six launches for forward + backward, no host synchronisation (no ``.item()``, no Python branch on device
 values: ``grad_output`` is read by the kernel from device memory), so a step can be captured in a CUDA graph.
 
 Contract at the boundary: CUDA tensors (or CPU tensors when Triton runs in its interpreter, ``TRITON_INTERPRET=1``
@@ -109,7 +109,7 @@ def smooth(q: torch.Tensor, storage: torch.Tensor, idx: torch.Tensor, vals: torc
 
 
 class InfoNCEFunction(torch.autograd.Function):
-    """``mean_i CE(cos(a_i, b_.) / temperature, target i)``; its gradients are computed in forward (two launches)
+    """``mean_i CE(cos(a_i, b_.) / temperature, target i)``; its gradients are computed in forward (three launches)
     and scaled by ``grad_output`` in backward. Inputs ``(B, D)`` fp32/bf16/fp16; output a 0-dim fp32 tensor."""
 
     @staticmethod
