@@ -19,8 +19,9 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
+import os
 import statistics
+import sys
 import time
 
 import torch
@@ -29,16 +30,12 @@ from torch._dynamo.utils import counters
 
 import iscse
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchlib, also under PYTHONSAFEPATH=1
+import benchlib  # noqa: E402
+
 
 def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+    return benchlib.cpu_name()
 
 
 def _make(kind: str, B: int, D: int, M: int, k: int, seed: int):

@@ -18,11 +18,14 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
+import os
 import sys
 
 import numpy as np
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchlib, also under PYTHONSAFEPATH=1
+import benchlib  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -82,8 +85,7 @@ def run(Ms=(65536, 262144, 1048576), B: int = 64, D: int = 768, k: int = 16, dty
         return doc
     bench, timer_name = _timer()
     backends = ["faiss", "torch"] + (["triton"] if iscse.available_backends("cuda").get("triton") else [])
-    doc.update(device=torch.cuda.get_device_name(), timer=timer_name, torch=torch.__version__,
-               faiss=faiss.__version__, cuda=torch.version.cuda, python=platform.python_version(), backends=backends)
+    doc.update(benchlib.environment(("faiss", "triton")), timer=timer_name, backends=backends)
     gen = torch.Generator(device="cuda").manual_seed(seed)
     for M in Ms:
         for name in dtypes:

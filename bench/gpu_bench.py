@@ -45,15 +45,16 @@ measured), 1 when an item failed, timed out or crashed, 2 for bad arguments.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchlib, also under PYTHONSAFEPATH=1
+import benchlib  # noqa: E402
 
 # (B, M, D, k): the paper's setting, a large batch, a large buffer, a very large buffer.
 SHAPES = [(64, 1024, 768, 16), (512, 1024, 1024, 16), (512, 65536, 1024, 16), (1024, 1048576, 768, 16)]
@@ -323,26 +324,7 @@ def plan_items(shapes, impls=IMPLS, dtypes=None, precision=True, smoke=False, it
 
 
 def _versions():
-    import torch
-
-    info = {"torch": torch.__version__, "python": platform.python_version(),
-            "date": datetime.datetime.now().isoformat(timespec="seconds"), "cpu_count": os.cpu_count()}
-    try:
-        import triton
-
-        info["triton"] = triton.__version__
-    except ImportError:
-        info["triton"] = None
-    if torch.cuda.is_available():
-        info["device"] = torch.cuda.get_device_name()
-        info["capability"] = "sm_%d%d" % torch.cuda.get_device_capability()
-        info["cuda"] = torch.version.cuda
-        try:
-            info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                            capture_output=True, text=True, timeout=20).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            info["driver"] = None
-    return info
+    return benchlib.environment(("triton",))
 
 
 class Timer:

@@ -24,16 +24,17 @@ a grid of M and B (interleaved calls), the measurement behind ``iscse.faiss_ops.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 
 import numpy as np
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchlib, also under PYTHONSAFEPATH=1
+import benchlib  # noqa: E402
 
 B, D, K = 64, 768, 16
 MS = (65536, 262144, 1048576)
@@ -81,19 +82,10 @@ def make_search(backend: str):
 
 
 def environment() -> dict:
-    """Machine and versions for a result row."""
+    """Machine and versions for a result row (benchlib's record plus FAISS's thread count)."""
     import faiss
 
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "faiss_threads": faiss.omp_get_max_threads(), "torch": torch.__version__, "faiss": faiss.__version__,
-            "numpy": np.__version__, "python": platform.python_version(),
-            "date": datetime.datetime.now().isoformat(timespec="seconds")}
+    return {**benchlib.environment(("faiss", "numpy")), "faiss_threads": faiss.omp_get_max_threads()}
 
 
 # ------------------------------------------------------------------------------------------------- peak memory

@@ -26,12 +26,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -39,6 +36,9 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchlib, also under PYTHONSAFEPATH=1
+import benchlib  # noqa: E402
 
 
 @dataclasses.dataclass
@@ -75,24 +75,7 @@ _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _versions() -> dict:
-    info = {"torch": torch.__version__, "python": platform.python_version(), "cpu_count": os.cpu_count(),
-            "date": datetime.datetime.now().isoformat(timespec="seconds")}
-    for name in ("transformers", "triton"):
-        try:
-            info[name] = __import__(name).__version__
-        except ImportError:
-            info[name] = None
-    if torch.cuda.is_available():
-        info["device"] = torch.cuda.get_device_name()
-        info["cuda"] = torch.version.cuda
-        try:
-            info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                            capture_output=True, text=True, timeout=20).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            info["driver"] = None
-    else:
-        info["device"] = "cpu"
-    return info
+    return benchlib.environment(("transformers", "triton"))
 
 
 class Run:
