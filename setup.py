@@ -3,7 +3,7 @@
 `kernels/` is installed as the subpackage `iscse.kernels`: a top-level import name `kernels` would clash with an
 existing PyPI package.
 """
-from setuptools import setup
+from setuptools import find_packages, setup
 
 # torch: a range that the CPU build 2.13.0 satisfies, so a machine that installed it first installs nothing more,
 # and that still admits the 2.11 builds found on GPU machines.
@@ -33,7 +33,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=["iscse", "iscse.kernels", "iscse.integrations"],
+    # every subpackage of iscse/ (backends, integrations, ...), plus kernels/ installed as iscse.kernels
+    packages=find_packages(include=["iscse", "iscse.*"], exclude=["iscse.kernels", "iscse.kernels.*"]) + ["iscse.kernels"],
     package_dir={"iscse": "iscse", "iscse.kernels": "kernels"},
     install_requires=[TORCH, "numpy>=1.22", "scipy>=1.8"],
     extras_require=EXTRAS,

@@ -188,11 +188,11 @@ for name, mod, want in (("iscse", iscse, "iscse/__init__.py"), ("iscse.kernels",
     ok = ok and good
     print(f"{name:14s} from {mod.__file__} -> {real} {'ok' if good else '!! expected ' + os.path.join(repo, want)}")
 try:
-    import iscse.triton_ops as t
-    print("iscse.triton_ops: kernels", "interpreted (TRITON_INTERPRET=1)" if t.INTERPRETED else "compiled")
+    import iscse.backends.triton_fused as t
+    print("iscse.backends.triton_fused: kernels", "interpreted (TRITON_INTERPRET=1)" if t.INTERPRETED else "compiled")
 except Exception as exc:
     ok = False
-    print(f"!! iscse.triton_ops does not import: {type(exc).__name__}: {exc}")
+    print(f"!! iscse.backends.triton_fused does not import: {type(exc).__name__}: {exc}")
 if not ok:
     sys.exit(1)
 
@@ -225,7 +225,7 @@ if ((import_rc == 3)); then
     import_rc=0
 fi
 # The same check in pytest's own import context (its rootdir / conftest handling of sys.path): collect the kernel
-# test files. test_triton_interpret.py imports iscse.triton_ops at module level (a collection error if it fails);
+# test files. test_triton_interpret.py imports iscse.backends.triton_fused at module level (a collection error if it fails);
 # a module-level importorskip in test_triton_gpu.py (CUDA only) leaves none of its tests collected.
 collect=$(timeout 120 python -m pytest --co -q -p no:cacheprovider tests/test_triton_gpu.py \
           tests/test_triton_interpret.py 2>&1)

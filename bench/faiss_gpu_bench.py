@@ -76,7 +76,7 @@ def run(Ms=(65536, 262144, 1048576), B: int = 64, D: int = 768, k: int = 16, dty
     try:
         import faiss
 
-        from iscse.faiss_ops import faiss_gpu_available
+        from iscse.backends.faiss_knn import faiss_gpu_available
     except ImportError as exc:
         doc["skipped"] = f"faiss does not import: {exc}"
         return doc

@@ -1,4 +1,5 @@
-"""Reference vs torch backend on the CPU (pytest-benchmark): one IS-CSE step, forward and forward+backward.
+"""Reference, torch, FAISS-kNN and "auto" on the CPU (pytest-benchmark): one IS-CSE step, forward and
+forward+backward. "auto" runs its one-time kNN probe in the untimed warm-up round.
 
 Run: ``pytest bench/test_bench_cpu.py --benchmark-only``. Each row records the peak extra memory of one step
 (``extra_info['peak_extra_mib']``, measured in a fresh process: see benchlib.py) and the machine it ran on.
@@ -12,9 +13,11 @@ SHAPES = [(64, 1024, 768, 16), (64, 65536, 768, 16)]  # (B, M, D, k)
 
 
 @pytest.mark.parametrize("mode", ["forward", "forward+backward"])
-@pytest.mark.parametrize("impl", ["reference", "torch"])
+@pytest.mark.parametrize("impl", ["reference", "torch", "faiss", "auto"])
 @pytest.mark.parametrize("B,M,D,k", SHAPES, ids=[f"B{b}-M{m}-D{d}-k{k}" for b, m, d, k in SHAPES])
 def test_step(benchmark, impl, mode, B, M, D, k):
+    if impl == "faiss":
+        pytest.importorskip("faiss")
     torch.manual_seed(0)
     step = step_fn(impl, B, M, D, k, backward=mode != "forward")
     peak = step_peak_mib(impl, B, M, D, k, mode)  # in a fresh process: see benchlib.py

@@ -19,7 +19,7 @@ date; for the approximate mode also its build time, recall@16 against the exact 
 ``python bench/test_bench_faiss.py recall [--emb FILE.npy] --M M`` sweeps the approximate mode's nprobe (recall@16
 and time against the exact searches), on real sentence embeddings (an (N, D) fp32 array) or the clustered rows;
 see bench/FAISS.md. ``python bench/test_bench_faiss.py crossover`` times the exact searches against each other over
-a grid of M and B (interleaved calls), the measurement behind ``iscse.faiss_ops.prefer_faiss``.
+a grid of M and B (interleaved calls), the measurement behind ``iscse.backends.faiss_knn.prefer_faiss``.
 """
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ def make_search(backend: str):
     import iscse
 
     if backend == "faiss-ivf":
-        from iscse.faiss_ops import FaissBackend
+        from iscse.backends.faiss_knn import FaissBackend
 
         approx = FaissBackend(approximate=True)
         search = lambda q, buf: approx.knn_topk(q, buf.storage, K, buf.last_slots(), buf.ptr)  # noqa: E731
@@ -185,7 +185,7 @@ if pytest is not None:
         benchmark.group = f"knn-cpu-M{M}"
         benchmark.pedantic(step, rounds=ROUNDS, iterations=1, warmup_rounds=1)
         if backend == "faiss-ivf":  # recall of the last step, against the exact torch search of the same rows
-            from iscse.torch_ops import knn_topk
+            from iscse.backends.pytorch import knn_topk
 
             q, slots, (_, idx) = results[-1]
             info["recall_at_16"] = round(recall(idx, knn_topk(q, buf.storage, K, slots)[1]), 4)
@@ -201,8 +201,8 @@ def recall_sweep(buf, batch, nprobes=(4, 8, 16, 32, 64, 128), steps: int = 10, n
     steps (push 64 rows, search them), the exact torch and FAISS searches and the approximate one at each
     ``nprobe`` (one index, updated once per step); per search, the median time and recall@16 against the exact
     torch search. The index's build (first search) is timed separately."""
-    from iscse.faiss_ops import FaissBackend, knn_topk as faiss_knn
-    from iscse.torch_ops import knn_topk as torch_knn
+    from iscse.backends.faiss_knn import FaissBackend, knn_topk as faiss_knn
+    from iscse.backends.pytorch import knn_topk as torch_knn
 
     approx = FaissBackend(approximate=True, nlist=nlist)
     times = {name: [] for name in ("torch", "faiss") + tuple(nprobes)}
@@ -265,9 +265,9 @@ def embeddings_source(path: str, M: int):
 
 def crossover(Ms, Bs, dim: int = D, seed: int = 0) -> list:
     """Exact kNN, FAISS vs torch, on random unit rows, the two calls interleaved (so that load from other processes
-    hits both alike), medians over many calls; the numbers behind :func:`iscse.faiss_ops.prefer_faiss`."""
-    from iscse.faiss_ops import knn_topk as faiss_knn
-    from iscse.torch_ops import knn_topk as torch_knn
+    hits both alike), medians over many calls; the numbers behind :func:`iscse.backends.faiss_knn.prefer_faiss`."""
+    from iscse.backends.faiss_knn import knn_topk as faiss_knn
+    from iscse.backends.pytorch import knn_topk as torch_knn
 
     gen = torch.Generator().manual_seed(seed)
     rows = []

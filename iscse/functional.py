@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _validation as V
-from .backends import get_backend, resolve_knn
+from .backends import compute_backend, resolve_knn
 from .buffer import MemoryBuffer, snapshot
 
 __all__ = ["knn_topk", "smooth", "info_nce", "iscse_loss", "ISCSEOutput"]
@@ -87,8 +87,7 @@ def knn_topk(q: torch.Tensor, buffer: BufferLike, k: int, *, self_slots="last",
     V.check_same_device("q", q, storage.device)
     slots = _self_slots(q, buffer, self_slots)
     V.check_k(k, storage.shape[0] - (1 if slots is not None else 0))
-    impl = resolve_knn(backend, None, q.device, storage.shape[0], q.shape[0], q.shape[1]) or \
-        get_backend(backend, q.device)
+    impl = resolve_knn(backend, None, q, storage) or compute_backend(backend, q.device)
     return impl.knn_topk(q, storage, k, slots, ptr)
 
 
@@ -120,7 +119,7 @@ def smooth(q: torch.Tensor, buffer: BufferLike, idx: torch.Tensor, vals: torch.T
         V.check_same_device(name, x, q.device, "q")
     if idx.shape != vals.shape:
         raise ValueError(f"idx and vals must have the same shape, got {tuple(idx.shape)} and {tuple(vals.shape)}")
-    return get_backend(backend, q.device).smooth(q, storage, idx, vals, t)
+    return compute_backend(backend, q.device).smooth(q, storage, idx, vals, t)
 
 
 def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float = 0.05, *, backend: str = "auto") -> torch.Tensor:
@@ -131,7 +130,7 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float = 0.05, *, bac
     """
     V.check_pair("a", a, "b", b)
     t = V.check_positive("temperature", temperature)
-    return get_backend(backend, a.device).info_nce(a, b, t)
+    return compute_backend(backend, a.device).info_nce(a, b, t)
 
 
 def iscse_loss(z1: torch.Tensor, z2: torch.Tensor, buffer: MemoryBuffer, *, k: int = 16, temperature: float = 0.05,
@@ -159,8 +158,9 @@ def iscse_loss(z1: torch.Tensor, z2: torch.Tensor, buffer: MemoryBuffer, *, k: i
             a schedule evaluated on the device; its value is checked on CPU only).
         backend: which implementation computes the loss (a name, or a :class:`~iscse.backends.Backend` instance
             such as ``FaissBackend(approximate=True)``); ``knn_backend``: another one for the kNN step only (e.g.
-            ``"faiss"`` for very large buffers). Default: the same, except that under ``"auto"`` on CPU the kNN
-            goes to FAISS, when installed, where it was measured faster (``M >= 16384`` and ``B >= 16``).
+            ``"faiss"`` for very large buffers; ``backend="faiss"`` means the same with the device's default for the
+            rest). Default: the same, except that under ``"auto"`` on CPU the kNN goes to FAISS, when installed,
+            where a timed probe on the first step found it faster on this machine (:mod:`iscse.backends`).
         return_components: return an :class:`ISCSEOutput` ``(loss, contrastive, smooth)`` instead of the loss.
         check_finite: raise ``ValueError`` on NaN/inf in ``z1``/``z2``. ``None`` (default): on CPU tensors only,
             where the check costs no synchronisation; ``True``: on CUDA too (a device-to-host read every step);
@@ -185,8 +185,8 @@ def iscse_loss(z1: torch.Tensor, z2: torch.Tensor, buffer: MemoryBuffer, *, k: i
         V.check_same_device("alpha", alpha, z1.device, "z1")
     if not isinstance(push, bool):
         raise TypeError(f"push must be a bool, got {type(push).__name__}")
-    impl = get_backend(backend, z1.device)
-    knn = resolve_knn(backend, knn_backend, z1.device, buffer.size, z1.shape[0], z1.shape[1]) or impl
+    impl = compute_backend(backend, z1.device)
+    knn = resolve_knn(backend, knn_backend, z2, buffer.storage) or impl
     if V.finite_check_wanted(check_finite, z1):
         V.check_finite("z1", z1)
         V.check_finite("z2", z2)

@@ -9,7 +9,7 @@ Forward, one program per query row ``i`` (DESIGN.md §1 step 4, §3):
 3. ``w_i = softmax(logits)`` and ``z*_i = w_i0 q_i + sum_j w_ij N_ij``, written in fp32 with ``w`` (``(B, k+1)``),
    the slots, the logits' dot products and the neighbour rows (for backward).
 
-Backward, one program per row, the same math as ``iscse.torch_ops.SmoothFunction.backward``:
+Backward, one program per row, the same math as ``iscse.backends.pytorch.SmoothFunction.backward``:
 ``gw = [g.q, g.N_j]``, ``glogit = w (gw - w.gw) / t``, ``grad_q = w_0 g + 2 glogit_0 q + sum_j glogit_j N_j``.
 The forward writes the gathered neighbour rows ``N`` (``(B, k, D)`` in the buffer's dtype, as the torch backend
 saves them) while it reads them for ``z*``, so the backward needs nothing from the buffer: pushing to the buffer

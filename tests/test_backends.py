@@ -1,20 +1,106 @@
-"""Backend dispatch: names, instances, and the measured "auto" rule for the kNN step."""
+"""Backend dispatch: names, instances, kNN-only providers, and the measured "auto" policy for the kNN step."""
+import time
+
 import pytest
 import torch
 
 import iscse
+from iscse import backends
 from iscse.backends import get_backend, resolve_knn
 
 CPU = torch.device("cpu")
 
 
-def test_auto_knn_goes_to_faiss_only_where_measured_faster():
+@pytest.fixture
+def fresh_decisions():
+    backends.clear_auto_knn_decisions()
+    yield
+    backends.clear_auto_knn_decisions()
+
+
+class _Slow:
+    """Wraps a backend's kNN with an extra sleep and counts calls."""
+
+    def __init__(self, inner, delay):
+        self.inner, self.delay, self.calls = inner, delay, 0
+
+    def __call__(self, *args):
+        self.calls += 1
+        time.sleep(self.delay)
+        return self.inner(*args)
+
+
+def _shapes(M=backends.PROBE_MIN_ROWS, B=8, D=16):
+    return torch.randn(B, D), torch.nn.functional.normalize(torch.randn(M, D), dim=1)
+
+
+@pytest.mark.parametrize("faster", ["torch", "faiss"])
+def test_auto_probes_once_per_shape_class_and_takes_the_faster(monkeypatch, fresh_decisions, faster):
     pytest.importorskip("faiss")
-    assert resolve_knn("auto", None, CPU, 65536, 64, 768).name == "faiss"
-    assert resolve_knn("auto", None, CPU, 1024, 64, 768) is None  # the paper's buffer: torch's own kNN
-    assert resolve_knn("auto", None, CPU, 65536, 8, 768) is None  # small batches: no measured win
-    assert resolve_knn("torch", None, CPU, 65536, 64, 768) is None  # an explicit backend is respected
-    assert resolve_knn("auto", "torch", CPU, 65536, 64, 768).name == "torch"
+    torch_be, faiss_be = get_backend("torch", CPU), get_backend("faiss", CPU)
+    slow = {"torch": 0.03 if faster == "faiss" else 0.0, "faiss": 0.03 if faster == "torch" else 0.0}
+    wrapped = {}
+    for name, be in (("torch", torch_be), ("faiss", faiss_be)):
+        wrapped[name] = _Slow(be.knn_topk, slow[name])
+        monkeypatch.setattr(be, "knn_topk", wrapped[name])
+    q, storage = _shapes()
+    got = resolve_knn("auto", None, q, storage)
+    assert (got.name if got is not None else "torch") == faster
+    calls = {n: w.calls for n, w in wrapped.items()}
+    assert calls == {"torch": 4, "faiss": 4}  # one warm-up and three timed calls each
+    # cached: the same shape class does not probe again
+    got2 = resolve_knn("auto", None, q, storage)
+    assert got2 is got and {n: w.calls for n, w in wrapped.items()} == calls
+    assert list(backends.auto_knn_decisions().values()) == [faster]
+    # another batch size is another shape class
+    resolve_knn("auto", None, torch.randn(4, 16), storage)
+    assert len(backends.auto_knn_decisions()) == 2
+
+
+def test_auto_near_tie_keeps_torch(monkeypatch, fresh_decisions):
+    pytest.importorskip("faiss")
+    for name in ("torch", "faiss"):
+        be = get_backend(name, CPU)
+        monkeypatch.setattr(be, "knn_topk", _Slow(be.knn_topk, 0.1))  # both dominated by the same sleep
+    q, storage = _shapes()
+    assert resolve_knn("auto", None, q, storage) is None
+
+
+def test_no_probe_for_small_buffers_explicit_names_or_without_faiss(monkeypatch, fresh_decisions):
+    q, storage = _shapes(M=backends.PROBE_MIN_ROWS - 1)
+    assert resolve_knn("auto", None, q, storage) is None  # below the probe size: the compute backend's own kNN
+    q, storage = _shapes()
+    assert resolve_knn("torch", None, q, storage) is None  # an explicit backend is respected
+    assert resolve_knn("auto", "torch", q, storage).name == "torch"
+    assert backends.auto_knn_decisions() == {}
+    monkeypatch.setitem(backends._MISSING, "faiss", True)
+    monkeypatch.delitem(backends._CACHE, "faiss", raising=False)
+    assert resolve_knn("auto", None, q, storage) is None  # FAISS not installed: torch, no probe
+    assert backends.auto_knn_decisions() == {}
+
+
+def test_auto_within_ten_percent_of_the_faster_backend(fresh_decisions):
+    """The policy's promise on this machine, at a shape where the two are usually within 2x of each other: the step
+    under "auto" (after its one probe) is no slower than the faster of torch and FAISS by more than 10%, with the
+    three timed interleaved in the same process (medians of 5)."""
+    pytest.importorskip("faiss")
+    B, M, D = 32, 16384, 64
+    z1, z2 = torch.randn(B, D), torch.randn(B, D)
+    rows = torch.nn.functional.normalize(torch.randn(M, D), dim=1)
+    bufs = {}
+    for name in ("auto", "torch", "faiss"):
+        bufs[name] = iscse.MemoryBuffer(M, D)
+        bufs[name].push(rows)
+    with torch.no_grad():
+        iscse.iscse_loss(z1, z2, bufs["auto"], backend="auto", push=False)  # the probe
+        times = {name: [] for name in bufs}
+        for _ in range(6):
+            for name, buf in bufs.items():
+                start = time.perf_counter()
+                iscse.iscse_loss(z1, z2, buf, backend=name, push=False)
+                times[name].append(time.perf_counter() - start)
+    med = {name: sorted(t[1:])[2] for name, t in times.items()}
+    assert med["auto"] <= 1.10 * min(med["torch"], med["faiss"]) + 2e-3, (med, backends.auto_knn_decisions())
 
 
 def test_backend_instances_are_accepted():
@@ -26,14 +112,13 @@ def test_backend_instances_are_accepted():
     assert torch.isfinite(loss) and crit.buffer.full
 
 
-def test_auto_on_a_large_buffer_matches_torch():
+def test_auto_on_a_large_buffer_matches_torch(fresh_decisions):
     pytest.importorskip("faiss")
     B, M, D = 16, 16384, 32
     bufs = [iscse.MemoryBuffer(M, D) for _ in range(2)]
     rows = torch.nn.functional.normalize(torch.randn(M, D), dim=1)
     for buf in bufs:
-        buf.storage.copy_(rows)
-        buf.written = M
+        buf.push(rows)
     z1, z2 = torch.randn(B, D), torch.randn(B, D)
     auto = iscse.iscse_loss(z1, z2, bufs[0], backend="auto")
     plain = iscse.iscse_loss(z1, z2, bufs[1], backend="torch")

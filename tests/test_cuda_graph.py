@@ -20,7 +20,7 @@ def _backends():
     names = ["torch", "reference"]
     if torch.cuda.is_available():
         try:
-            from iscse import triton_ops
+            from iscse.backends import triton_fused as triton_ops
         except ImportError:
             return names
         if not triton_ops.INTERPRETED:

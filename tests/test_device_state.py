@@ -43,7 +43,7 @@ def test_the_guard_catches_host_reads():
 def _backends():
     out = ["torch", "reference"]
     try:
-        from iscse import triton_ops
+        from iscse.backends import triton_fused as triton_ops
     except ImportError:
         return out
     return out + (["triton"] if triton_ops.INTERPRETED else [])

@@ -1,4 +1,4 @@
-"""The FAISS kNN backend (iscse.faiss_ops) against the torch backend.
+"""The FAISS kNN backend (iscse.backends.faiss_knn) against the torch backend.
 
 Neighbour sets must equal the torch backend's wherever similarities are distinct (rows whose k-th and (k+1)-th
 similarities are closer than ``GAP`` are not compared by set, only by value), the self slot must be excluded under
@@ -17,12 +17,12 @@ import torch.nn.functional as F
 
 import iscse
 from iscse import backends
-from iscse.torch_ops import knn_topk as torch_knn
+from iscse.backends.pytorch import knn_topk as torch_knn
 
 try:
     import faiss  # noqa: F401
 
-    from iscse import faiss_ops
+    from iscse.backends import faiss_knn as faiss_ops
     HAS_FAISS = True
 except ImportError:  # the import-error test below still runs
     faiss_ops = None
@@ -276,15 +276,21 @@ def test_iscse_loss_module_matches_torch(backend, knn_backend):
 
 
 @requires_faiss
-def test_faiss_backend_delegates_to_device_default():
+def test_faiss_is_a_knn_provider_paired_with_the_device_default():
+    """backend="faiss" finds the neighbours; the device's default computes the rest (the FAISS module never calls
+    back into the registry)."""
     be = backends.get_backend("faiss", torch.device("cpu"))
-    assert isinstance(be, faiss_ops.FaissBackend) and be.name == "faiss"
+    assert isinstance(be, faiss_ops.FaissBackend) and be.name == "faiss" and be.knn_only
+    assert backends.compute_backend("faiss", torch.device("cpu")).name == "torch"
+    assert not hasattr(faiss_ops, "get_backend")
     a, b = torch.randn(8, 16), torch.randn(8, 16)
-    torch.testing.assert_close(be.info_nce(a, b, 0.05), iscse.info_nce(a, b, backend="torch"))
+    torch.testing.assert_close(iscse.info_nce(a, b, backend="faiss"), iscse.info_nce(a, b, backend="torch"))
     storage = F.normalize(torch.randn(40, 16), dim=1)
     q = F.normalize(a, dim=1)
-    vals, idx = be.knn_topk(q, storage, 4, None)
-    torch.testing.assert_close(be.smooth(q, storage, idx, vals, 2.0),
+    vals, idx = iscse.knn_topk(q, storage, 4, self_slots=None, backend="faiss")
+    ref_vals, ref_idx = iscse.knn_topk(q, storage, 4, self_slots=None, backend="torch")
+    assert torch.equal(idx, ref_idx)
+    torch.testing.assert_close(iscse.smooth(q, storage, idx, vals, backend="faiss"),
                                iscse.smooth(q, storage, idx, vals, backend="torch"))
 
 
@@ -433,27 +439,16 @@ def test_approximate_argument_errors():
         approx.knn_topk(storage[:2], storage, 2, None, 0)
 
 
-@requires_faiss
-def test_prefer_faiss_rule():
-    M, B = faiss_ops.CPU_CROSSOVER_M, faiss_ops.CPU_CROSSOVER_B
-    assert (M, B) == (16384, 16)
-    assert faiss_ops.prefer_faiss("cpu", M, B, 768)
-    assert faiss_ops.prefer_faiss(torch.device("cpu"), 10 ** 6, 64, 13)
-    assert not faiss_ops.prefer_faiss("cpu", M - 1, 64, 768)
-    assert not faiss_ops.prefer_faiss("cpu", 10 ** 6, B - 1, 768)
-    assert not faiss_ops.prefer_faiss(torch.device("cuda", 0), 10 ** 6, 64, 768)
-
-
 # --------------------------------------------------------------------------------------------- missing dependency
 
 
 def test_missing_faiss_error_names_the_extra(monkeypatch):
-    """Without FAISS, importing iscse.faiss_ops and asking for backend='faiss' say which extra to install."""
+    """Without FAISS, importing iscse.backends.faiss_knn and asking for backend='faiss' say which extra to install."""
     monkeypatch.setitem(sys.modules, "faiss", None)  # makes `import faiss` raise ImportError
-    monkeypatch.delitem(sys.modules, "iscse.faiss_ops", raising=False)
+    monkeypatch.delitem(sys.modules, "iscse.backends.faiss_knn", raising=False)
     monkeypatch.delitem(backends._CACHE, "faiss", raising=False)
     with pytest.raises(ImportError, match=r"pip install 'iscse\[faiss\]'"):
-        importlib.import_module("iscse.faiss_ops")
+        importlib.import_module("iscse.backends.faiss_knn")
     with pytest.raises(ImportError, match=r"pip install 'iscse\[faiss\]'"):
         iscse.knn_topk(torch.randn(2, 4), torch.randn(8, 4), 2, self_slots=None, backend="faiss")
     assert not backends.available_backends("cpu")["faiss"]

@@ -4,7 +4,7 @@ import torch
 
 import iscse
 from iscse import reference as R
-from iscse import torch_ops
+from iscse.backends import pytorch as torch_ops
 
 from conftest import assert_rel_close
 

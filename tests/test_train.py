@@ -392,7 +392,7 @@ def test_bad_flags_fail_naming_the_flag_before_writing(tiny, tmp_path, capsys, m
     if "triton" in flags:
         # conftest may run Triton in its interpreter (where --ops triton on CPU is valid); make it compiled-only
         try:
-            import iscse.triton_ops as triton_ops
+            import iscse.backends.triton_fused as triton_ops
         except ImportError:
             pass  # no triton at all: the error path is the same
         else:

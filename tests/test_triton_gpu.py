@@ -21,7 +21,7 @@ from conftest import assert_rel_close, rel_err
 pytestmark = pytest.mark.gpu
 
 if torch.cuda.is_available():
-    triton_ops = pytest.importorskip("iscse.triton_ops")
+    triton_ops = pytest.importorskip("iscse.backends.triton_fused")
     if triton_ops.INTERPRETED:
         pytest.skip("TRITON_INTERPRET=1: the compiled kernels are not in use", allow_module_level=True)
 

@@ -24,8 +24,8 @@ pytest.importorskip("triton")
 
 import iscse  # noqa: E402
 from iscse import reference as R  # noqa: E402
-from iscse import torch_ops  # noqa: E402
-from iscse import triton_ops  # noqa: E402
+from iscse.backends import pytorch as torch_ops  # noqa: E402
+from iscse.backends import triton_fused as triton_ops  # noqa: E402
 
 from conftest import assert_rel_close, rel_err  # noqa: E402
 

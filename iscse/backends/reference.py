@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from . import reference
-from .backends import Backend
+from .. import reference
+from .base import Backend
 
 
 class ReferenceBackend(Backend):

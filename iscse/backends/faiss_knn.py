@@ -41,9 +41,9 @@ Approximate mode (``FaissBackend(approximate=True)``, CPU only, off by default):
 (``IndexIVFFlat``, inner product) over the buffer, kept in step with the ring buffer's writes; see
 :class:`FaissBackend` for the update and retraining policy, and bench/FAISS.md for its measured recall and speed.
 
-:meth:`FaissBackend.smooth`, :meth:`FaissBackend.info_nce` and :meth:`FaissBackend.losses` delegate to the
-device's default backend (``get_backend("auto", device)``: torch on CPU, Triton on CUDA when it imports), with the
-kNN step done here.
+This backend finds neighbours only (``FaissBackend.knn_only``): named as ``backend`` or ``knn_backend``, the
+registry (:func:`iscse.backends.compute_backend`) pairs it with the device's default backend for the aggregation and
+the losses. It never calls back into the registry.
 
 Tested: the CPU paths (exact and approximate) against the torch backend (tests/test_faiss.py). The CUDA path is
 written against faiss 1.15's ``GpuDistanceParams``/``bfKnn`` (as faiss/contrib/torch_utils.py drives them) but has
@@ -65,13 +65,12 @@ try:
     import faiss
 except ImportError as exc:  # raised again with the extra to install; backends.get_backend adds its own context
     raise ImportError(
-        "iscse.faiss_ops needs FAISS, which is not installed: install it with pip install 'iscse[faiss]' "
+        "iscse.backends.faiss_knn needs FAISS, which is not installed: install it with pip install 'iscse[faiss]' "
         "(CPU) or pip install 'iscse[faiss-gpu]' (CUDA tensors)", name="faiss") from exc
 
-from .backends import Backend, get_backend
+from .base import Backend
 
-__all__ = ["FaissBackend", "knn_topk", "faiss_gpu_available", "prefer_faiss", "CPU_BLOCK_ROWS",
-           "CPU_CROSSOVER_M", "CPU_CROSSOVER_B"]
+__all__ = ["FaissBackend", "knn_topk", "faiss_gpu_available", "CPU_BLOCK_ROWS"]
 
 # Buffer rows per BLAS block on CPU: B * rows ~ 2**22 similarities (a 16 MiB block), clamped to these bounds.
 # FAISS's default block (1024 rows) makes B = 64 products too small to run near the matrix-multiply rate; at
@@ -82,12 +81,6 @@ _CPU_BLOCK_ELEMENTS = 1 << 22
 # Below this many queries FAISS's per-query streaming path (one pass over the buffer per query, no matrix product)
 # was measured as fast as or faster than its BLAS path (B = 2, 4: 2-3.6x faster; B = 8: even; M = 262144).
 _CPU_MIN_BLAS_QUERIES = 8
-
-# Where the exact FAISS CPU search was measured faster than the torch backend's chunked search (bench/FAISS.md; a
-# 2-core AMD EPYC, interleaved timings): from M = 16384 rows and B = 16 queries on, by 1.4-2.1x. At M = 1024 they
-# are close to a tie, at B = 8 the sign changed between runs, and at B = 1 with M = 262144 torch was faster.
-CPU_CROSSOVER_M = 16384
-CPU_CROSSOVER_B = 16
 
 # Extra candidates searched when the search precision differs from the output precision, so that rows whose
 # rounded similarity falls just below the k-th can still be re-ranked in.
@@ -310,20 +303,6 @@ def knn_topk(q: torch.Tensor, storage: torch.Tensor, k: int, self_slots: Optiona
     return _finish(q, storage, dist, labels, k, self_slots, recompute=rounded)
 
 
-def prefer_faiss(device, M: int, B: int, D: int) -> bool:
-    """Whether the exact FAISS kNN was measured faster than the default backend's kNN for this shape.
-
-    CPU: True for ``M >= CPU_CROSSOVER_M`` (16384) and ``B >= CPU_CROSSOVER_B`` (16), any ``D`` (measured at D = 32,
-    128, 384 and 768; bench/FAISS.md). CUDA: False, as FAISS's GPU search was not measured faster than the default
-    CUDA path (Triton's fused kNN) here. ``device``: a ``torch.device`` or a string; ``M``, ``B``, ``D``: buffer
-    rows, queries, width. This says nothing about whether FAISS is installed (importing this module needs it).
-    """
-    device = torch.device(device)
-    if device.type != "cpu":
-        return False
-    return M >= CPU_CROSSOVER_M and B >= CPU_CROSSOVER_B  # D did not change the outcome, so it is not in the rule
-
-
 class _RingIVF:
     """An ``IndexIVFFlat`` (inner product) mirroring a ring buffer's storage, kept in step with its writes.
 
@@ -429,8 +408,8 @@ class _RingIVF:
 class FaissBackend(Backend):
     """The FAISS kNN backend: exact search by default, an IVF index with ``approximate=True``.
 
-    The registry's ``"faiss"`` is ``FaissBackend()`` (exact, stateless). :meth:`smooth`, :meth:`info_nce` and
-    :meth:`losses` delegate to the device's default backend with the kNN step done here.
+    The registry's ``"faiss"`` is ``FaissBackend()`` (exact, stateless). It provides :meth:`knn_topk` only
+    (``knn_only``): the registry pairs it with the device's default backend for the rest of a step.
 
     Args:
         approximate: search an ``IndexIVFFlat`` (inner product) instead of the whole buffer: CPU tensors only, and
@@ -451,6 +430,7 @@ class FaissBackend(Backend):
     """
 
     name = "faiss"
+    knn_only = True
 
     def __init__(self, *, approximate: bool = False, nlist: Optional[int] = None, nprobe: Optional[int] = None,
                  retrain_fraction: float = 1.0, train_points_per_list: int = 64, seed: int = 1234,
@@ -512,30 +492,6 @@ class FaissBackend(Backend):
         self._ivf.sync(storage, int(ptr))
         dist, labels = self._ivf.search(q, storage, n)
         return _finish(q, storage, dist, labels, k, self_slots, recompute=_out_dtype(q, storage) == torch.float64)
-
-    @staticmethod
-    def prefers(device, M: int, B: int, D: int) -> bool:
-        """:func:`prefer_faiss` (so the dispatcher can ask without importing this module again)."""
-        return prefer_faiss(device, M, B, D)
-
-    @staticmethod
-    def _default(device: torch.device) -> Backend:
-        return get_backend("auto", device)
-
-    def smooth(self, q, storage, idx, vals, attn_temperature):
-        """The device default backend's ``smooth``."""
-        return self._default(q.device).smooth(q, storage, idx, vals, attn_temperature)
-
-    def info_nce(self, a, b, temperature):
-        """The device default backend's ``info_nce``."""
-        return self._default(a.device).info_nce(a, b, temperature)
-
-    def losses(self, z1, z2, q2, storage, self_slots, ptr, *, k, temperature, attn_temperature, smooth, knn=None):
-        """The device default backend's ``losses`` (a fused one included), with this object as its kNN step
-        unless ``knn`` names another."""
-        return self._default(z1.device).losses(z1, z2, q2, storage, self_slots, ptr, k=k, temperature=temperature,
-                                               attn_temperature=attn_temperature, smooth=smooth,
-                                               knn=knn if knn is not None else self)
 
     def __repr__(self) -> str:
         if not self.approximate:

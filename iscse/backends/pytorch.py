@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .backends import Backend
+from .base import Backend
 
 __all__ = ["TorchBackend", "knn_topk", "smooth", "info_nce", "SmoothFunction"]
 

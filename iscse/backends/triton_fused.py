@@ -31,10 +31,10 @@ except ImportError as exc:  # pragma: no cover - exercised only where triton is 
     raise ImportError("backend='triton' needs the 'triton' package, which is not installed; install it with: "
                       "pip install 'iscse[triton]'") from exc
 
-from .backends import Backend
-from .kernels import info_nce as _nce
-from .kernels import knn_topk as _knn
-from .kernels import smooth as _smooth
+from ..kernels import info_nce as _nce
+from ..kernels import knn_topk as _knn
+from ..kernels import smooth as _smooth
+from .base import Backend
 
 __all__ = ["TritonBackend", "knn_topk", "smooth", "info_nce", "SmoothFunction", "InfoNCEFunction",
            "ISCSELossesFunction", "INTERPRETED", "MAX_K"]
