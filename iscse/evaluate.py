@@ -50,7 +50,7 @@ from scipy.stats import spearmanr
 from .models import POOLERS, SentenceEncoder
 from .senteval import (DATA_DIR_ENV, STS_TASKS, TRANSFER_FOLDERS, TRANSFER_TASKS, STSPairs, TransferSplit,
                        load_sts_task, load_transfer_task, resolve_data_dir)
-from .transfer import INNER_C_GRID, KFOLD_C_GRID, MAX_ITER, SEED, SPLIT_C_GRID
+from . import transfer  # numpy only; it imports scikit-learn when a protocol function runs
 
 __all__ = ["DEV_TASKS", "MODES", "TASK_SETS", "evaluate_sts", "evaluate_transfer", "format_table", "main"]
 
@@ -192,11 +192,9 @@ def evaluate_transfer(
     C; a list with one per outer fold for the inner k-fold tasks), and ``seconds`` (wall time of the task, of
     which ``encode_seconds`` embedding). ``protocol`` records the classifier settings and library versions.
     """
-    import sklearn
+    sklearn = _import_sklearn()
     from sklearn.metrics import f1_score
     from tqdm.auto import tqdm
-
-    from . import transfer
 
     if tasks is None:
         tasks = TRANSFER_TASKS
@@ -235,11 +233,11 @@ def evaluate_transfer(
             return np.asarray(split.labels, dtype=np.int64)
 
         if "all" in splits:
-            n_fits = kfold * (kfold * len(INNER_C_GRID) + 1)
+            n_fits = kfold * (kfold * len(transfer.INNER_C_GRID) + 1)
         elif "dev" in splits:
-            n_fits = len(SPLIT_C_GRID) + 1
+            n_fits = len(transfer.SPLIT_C_GRID) + 1
         else:
-            n_fits = kfold * len(KFOLD_C_GRID) + 1
+            n_fits = kfold * len(transfer.KFOLD_C_GRID) + 1
         with tqdm(total=n_fits, desc=f"{task} classifier", unit="fit", disable=not show_progress) as bar:
             if "all" in splits:
                 out = transfer.inner_kfold_eval(features(splits["all"]), labels(splits["all"]), k=kfold,
@@ -279,15 +277,25 @@ def evaluate_transfer(
         "avg": float(np.mean([r["acc"] for r in results.values()])),
         "avg_devacc": float(np.mean([r["devacc"] for r in results.values()])),
         "protocol": {
-            "classifier": f"sklearn.linear_model.LogisticRegression(C, random_state={SEED}, max_iter={MAX_ITER}), "
-                          "default lbfgs solver, unscaled features",
+            "classifier": f"sklearn.linear_model.LogisticRegression(C, random_state={transfer.SEED}, "
+                          f"max_iter={transfer.MAX_ITER}), default lbfgs solver, unscaled features, one BLAS thread",
             "kfold": kfold,
-            "seed": SEED,
-            "C_grid": {"MR/CR/SUBJ/MPQA (inner k-fold)": list(INNER_C_GRID), "TREC/MRPC (k-fold on train)":
-                       list(KFOLD_C_GRID), "SST2 (dev split)": list(SPLIT_C_GRID)},
+            "seed": transfer.SEED,
+            "C_grid": {"MR/CR/SUBJ/MPQA (inner k-fold)": list(transfer.INNER_C_GRID),
+                       "TREC/MRPC (k-fold on train)": list(transfer.KFOLD_C_GRID),
+                       "SST2 (dev split)": list(transfer.SPLIT_C_GRID)},
             "scikit_learn": sklearn.__version__,
         },
     }
+
+
+def _import_sklearn():
+    try:
+        import sklearn
+    except ImportError:
+        raise ImportError("the transfer tasks need scikit-learn: pip install scikit-learn (or the 'eval' extra, "
+                          "pip install -e '.[eval]')") from None
+    return sklearn
 
 
 def _check_embedder(model: Embedder, batch_size: int, max_length: int | None, device) -> None:
@@ -411,6 +419,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         data_dir = resolve_data_dir(args.data_dir, required=required)  # fail before the model loads
     except (ValueError, FileNotFoundError) as exc:
         parser.error(str(exc))
+    if transfer_tasks:
+        try:
+            _import_sklearn()
+        except ImportError as exc:
+            parser.error(str(exc))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     started = time.perf_counter()

@@ -154,7 +154,8 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None, *,
     missing = [sub for sub in required if not (path / sub).is_dir()]
     if missing:
         raise FileNotFoundError(
-            f"SentEval data folder {str(path)!r} ({source}) has no {' or '.join(missing)} sub-folder; {hint}"
+            f"SentEval data folder {str(path)!r} ({source}) has no {', '.join(missing)} sub-folder"
+            f"{'s' if len(missing) > 1 else ''}; {hint}"
         )
     return path
 

