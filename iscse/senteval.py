@@ -193,12 +193,16 @@ def _normalise(sentence: str) -> str:
     return " ".join(sentence.split())
 
 
-def _read_lines(path: Path) -> list[str]:
+def _require_file(path: Path) -> None:
     if not path.is_file():
         raise FileNotFoundError(
             f"SentEval data file missing: {str(path)!r}; the data folder (--data_dir / {DATA_DIR_ENV}) must be "
             "SentEval's complete data/downstream layout"
         )
+
+
+def _read_lines(path: Path) -> list[str]:
+    _require_file(path)
     # SentEval reads with utf8 and str.splitlines(); doing the same keeps line numbering identical.
     with io.open(path, encoding="utf8") as handle:
         return handle.read().splitlines()
@@ -327,8 +331,7 @@ def load_transfer_task(data_dir: str | os.PathLike | None, task: str) -> dict[st
 
 def _read_tokens_latin1(path: Path) -> list[list[str]]:
     # senteval/binary.py: io.open(..., encoding='latin-1'), f.read().splitlines(), line.split()
-    if not path.is_file():
-        _read_lines(path)  # raises the missing-file error
+    _require_file(path)
     with io.open(path, encoding="latin-1") as handle:
         return [line.split() for line in handle.read().splitlines()]
 
@@ -353,8 +356,7 @@ def _load_sst2(path: Path) -> list[tuple[list[str], int]]:
 
 def _load_trec(path: Path) -> list[tuple[list[str], int]]:
     # senteval/trec.py: latin-1; target, sample = line.strip().split(':', 1); tokens sample.split(' ', 1)[1].split()
-    if not path.is_file():
-        _read_lines(path)  # raises the missing-file error
+    _require_file(path)
     samples = []
     with io.open(path, encoding="latin-1") as handle:
         for lineno, line in enumerate(handle, start=1):
@@ -370,8 +372,7 @@ def _load_trec(path: Path) -> list[tuple[list[str], int]]:
 def _load_mrpc(path: Path, name: str) -> TransferSplit:
     # senteval/mrpc.py: utf-8; line.strip().split('\t'); label text[0], sentences text[3] and text[4]; the first
     # line is a header. Sorted by (tokens of A, tokens of B, label) as SentEval does before embedding.
-    if not path.is_file():
-        _read_lines(path)  # raises the missing-file error
+    _require_file(path)
     samples = []
     with io.open(path, encoding="utf-8") as handle:
         for lineno, line in enumerate(handle, start=1):

@@ -25,13 +25,13 @@ sentence embeddings instead of stopping early with a ``ConvergenceWarning`` (the
 solver's iteration budget rather than on ``C``). SentEval itself was written for scikit-learn 0.18-0.19, whose
 default solver was liblinear (one-vs-rest, regularised intercept); today's default is lbfgs (multinomial). SimCSE
 and IS-CSE report transfer numbers from SentEval's PyTorch path (``usepytorch=True``: a linear layer trained with
-Adam and early stopping, l2 in ``10^-5 .. 10^-2``), which this module does not implement, so its numbers are
-close to but not the same as those papers' protocol.
+Adam and early stopping, l2 in ``10^-5 .. 10^-2``), which this module does not implement: numbers from here are
+SentEval numbers, but not those papers' exact protocol.
 
 The fits run with one BLAS thread (``threadpoolctl``, a scikit-learn dependency): the matrices are small, and
 OpenBLAS's threads cost far more than they give on a busy machine (one TREC fit: 15.6 s with two threads, 1.1 s
-with one, on the 2-core AMD EPYC this was written on); one thread also makes the results independent of the
-machine's thread count.
+with one, on the 2-core AMD EPYC this was written on); it also removes the thread count as a source of
+run-to-run differences in floating-point summation order.
 
 scikit-learn is imported when a function here runs, never by ``import iscse``.
 """
