@@ -393,7 +393,6 @@ def minilm_path():
 
 
 @needs_data
-@pytest.mark.slow  # a few seconds: a tiny BERT through the command line on all seven tasks
 @pytest.mark.filterwarnings("ignore:The least populated class:UserWarning")  # TREC's ABBR in a subsample
 def test_command_line_transfer_set_on_a_subsample(minilm_path, tmp_path, capsys):
     """python -m iscse.evaluate --task_set transfer end to end: a tiny random BERT saved by save_pretrained (its
