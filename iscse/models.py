@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["POOLERS", "MLPLayer", "SentenceEncoder", "pool"]
+__all__ = ["POOLERS", "MLPLayer", "SentenceEncoder", "pool", "check_encoder", "looks_local"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +56,61 @@ _HUB_KWARGS = ("revision", "cache_dir", "token", "local_files_only", "trust_remo
 # Model types whose position ids start after the padding index: 514 position embeddings hold 512 tokens.
 _OFFSET_POSITION_MODELS = ("roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "roberta-prelayernorm",
                            "data2vec-text", "longformer")
+
+
+def looks_local(name_or_path: str | os.PathLike) -> bool:
+    """True when ``name_or_path`` can only be a folder, never a Hub id: absolute, starting with ``.`` or ``~``,
+    holding a backslash, or more than one ``/`` (Hub ids are ``name`` or ``owner/name``)."""
+    text = str(name_or_path)
+    return (os.path.isabs(text) or text.startswith((".", "~")) or "\\" in text or text.count("/") > 1
+            or os.path.exists(text))
+
+
+def check_encoder(name_or_path: str | os.PathLike, **hub_kwargs: Any) -> Any:
+    """Check that ``name_or_path`` names a BERT- or RoBERTa-like encoder before any weights are loaded; returns
+    its ``transformers`` config.
+
+    A path that :func:`looks_local` must exist (no Hub look-up, hence no network retries, for it), be a folder and
+    hold ``config.json``. The model type must be one with a masked-language-model head in ``transformers`` (BERT,
+    RoBERTa, DistilBERT, MPNet, ModernBERT, ...: bidirectional encoders with a first ``[CLS]``-like token) and not
+    an encoder-decoder; decoder-only models (GPT-2, Llama, ...) and vision or audio models are refused.
+    ``hub_kwargs`` go to ``AutoConfig.from_pretrained`` (``revision``, ``cache_dir``, ``token``, ...).
+
+    Raises ``ValueError`` with one sentence starting with the name and saying what to pass instead; ``OSError``
+    (from ``transformers``) when a Hub id cannot be fetched.
+    """
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    text = str(name_or_path)
+    if text == "":
+        raise ValueError("the model name is empty; pass a Hugging Face model name or a local folder")
+    path = Path(text).expanduser()
+    if looks_local(text) or path.exists():
+        if not path.exists():
+            raise ValueError(f"{text!r} does not exist; pass a local model folder (holding config.json) or a "
+                             "Hugging Face model name such as bert-base-uncased")
+        if not path.is_dir():
+            raise ValueError(f"{text!r} is a file; pass the folder that holds config.json and the weights")
+        if not os.access(path, os.R_OK | os.X_OK):
+            raise ValueError(f"{text!r} cannot be read (permission denied)")
+        if not (path / "config.json").is_file():
+            raise ValueError(f"{text!r} holds no config.json: it is not a Hugging Face model folder (pass the "
+                             "folder that save_pretrained or the trainer wrote)")
+        try:
+            config = AutoConfig.from_pretrained(str(path), **hub_kwargs)
+        except (OSError, ValueError, KeyError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ValueError(f"{text!r}: config.json cannot be read ({first})") from None
+    else:
+        config = AutoConfig.from_pretrained(text, **hub_kwargs)
+    model_type = getattr(config, "model_type", None)
+    if (model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES or getattr(config, "is_encoder_decoder", False)
+            or getattr(config, "is_decoder", False)):
+        raise ValueError(f"{text!r} is a {model_type or 'model of unknown type'} model, not a BERT- or RoBERTa-like "
+                         "encoder; IS-CSE trains bidirectional encoders (bert, roberta, distilbert, mpnet, "
+                         "modernbert, ...): pass one of those")
+    return config
 
 
 def _check_pooler(pooler: Any) -> str:
@@ -378,7 +433,7 @@ class SentenceEncoder(nn.Module):
 
     # ------------------------------------------------------------------ saving
 
-    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+    def save_pretrained(self, save_directory: str | os.PathLike, atomic: bool = True) -> None:
         """Write a checkpoint folder that ``AutoModel``, ``SentenceTransformer`` and ``from_pretrained`` load.
 
         Contents: the backbone in Hugging Face format with safetensors weights (the MLP, when the backbone has a
@@ -393,13 +448,20 @@ class SentenceEncoder(nn.Module):
         the target in one rename (Linux ``renameat2(RENAME_EXCHANGE)``; elsewhere two renames, so a crash between
         them leaves the previous checkpoint complete under ``.<name>.old-*`` beside the target). The target is
         replaced as a whole: it must be missing, empty, or an earlier ``save_pretrained`` folder, otherwise
-        ``ValueError`` (so a folder holding other files, such as logs, is never deleted).
+        ``ValueError`` (so a folder holding other files, such as logs, is never deleted). ``atomic=False`` writes
+        straight into ``save_directory`` (created if missing) and keeps other files there: for a caller that
+        publishes the folder atomically itself, as the trainer does with its checkpoints. Files and folders get
+        the permissions of the user's umask.
         """
         if self.tokenizer is None:
             raise ValueError("tokenizer: this SentenceEncoder was built without a tokenizer; save_pretrained needs one")
         if not isinstance(save_directory, (str, os.PathLike)) or str(save_directory) == "":
             raise ValueError(f"save_directory must be a folder path, got {save_directory!r}")
         target = Path(save_directory).expanduser().absolute()
+        if not atomic:
+            target.mkdir(parents=True, exist_ok=True)
+            self._write_checkpoint(target)
+            return
         if target.exists():
             if not target.is_dir():
                 raise ValueError(f"save_directory {str(target)!r} exists and is not a folder")
@@ -409,6 +471,7 @@ class SentenceEncoder(nn.Module):
                     f"{_ISCSE_CONFIG}); the folder is replaced as a whole, so choose an empty or new folder")
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it 0700; the published folder follows the umask
         try:
             self._write_checkpoint(tmp)
             _replace_dir(tmp, target)
@@ -483,6 +546,13 @@ class SentenceEncoder(nn.Module):
         _write_json(folder / "sentence_bert_config.json", {"max_seq_length": self.max_seq_length,
                                                            "do_lower_case": False})
         _write_json(folder / "config_sentence_transformers.json", {"similarity_fn_name": "cosine"})
+
+
+def current_umask() -> int:
+    """The process's file-creation mask (read by setting and restoring it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _describe(x: Any) -> str:
