@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["POOLERS", "MLPLayer", "SentenceEncoder", "pool", "check_encoder", "looks_local"]
+__all__ = ["POOLERS", "MLPLayer", "SentenceEncoder", "pool", "check_encoder", "looks_local", "current_umask", "apply_umask"]
 
 logger = logging.getLogger(__name__)
 
@@ -470,8 +470,7 @@ class SentenceEncoder(nn.Module):
                     f"save_directory {str(target)!r} is not empty and was not written by save_pretrained (no "
                     f"{_ISCSE_CONFIG}); the folder is replaced as a whole, so choose an empty or new folder")
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it 0700; the published folder follows the umask
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))  # 0700: apply_umask fixes it
         try:
             self._write_checkpoint(tmp)
             _replace_dir(tmp, target)
@@ -496,6 +495,7 @@ class SentenceEncoder(nn.Module):
                       str(folder / _ISCSE_MLP), metadata={"format": "pt"})
         _write_json(folder / _ISCSE_CONFIG, {"pooler": self._pooler, "mlp_only_train": self.mlp_only_train})
         self._write_sentence_transformers_config(folder)
+        apply_umask(folder)
 
     def _write_sentence_transformers_config(self, folder: Path) -> None:
         from safetensors.torch import save_file
@@ -546,6 +546,18 @@ class SentenceEncoder(nn.Module):
         _write_json(folder / "sentence_bert_config.json", {"max_seq_length": self.max_seq_length,
                                                            "do_lower_case": False})
         _write_json(folder / "config_sentence_transformers.json", {"similarity_fn_name": "cosine"})
+
+
+def apply_umask(folder: str | os.PathLike) -> None:
+    """Give ``folder``, everything under it, the permissions a new file or folder gets from the user's umask
+    (libraries that write through temporary files leave some at 0600)."""
+    mask = current_umask()
+    for dirpath, _, names in os.walk(folder):
+        os.chmod(dirpath, 0o777 & ~mask)
+        for name in names:
+            path = os.path.join(dirpath, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o666 & ~mask)
 
 
 def current_umask() -> int:

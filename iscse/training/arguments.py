@@ -192,8 +192,8 @@ class ISCSETrainingArguments(TrainingArguments):
             self.eval_strategy, self.eval_steps = "no", None
         if self.save_steps == 0:
             self.save_strategy = "no"
-        if self.compute_device == "cpu":
-            self.use_cpu = True
+        if self.compute_device == "cpu" or (self.compute_device == "auto" and not _has_accelerator()):
+            self.use_cpu = True  # transformers wants it said for bf16 on a CPU
         super().__post_init__()
         if not self.use_cpu and self.parallel_mode.value == "not_distributed":
             # One process drives one GPU; several GPUs are for torchrun (DDP). Without this, the Hugging Face
@@ -206,6 +206,15 @@ class ISCSETrainingArguments(TrainingArguments):
         if self.data_dir and not (Path(self.data_dir) / "SICK" / "SICK_trial.txt").is_file():
             return ("STSBenchmark",)
         return ("STSBenchmark", "SICKRelatedness")
+
+
+def _has_accelerator() -> bool:
+    import torch
+
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None and hasattr(accelerator, "is_available"):
+        return bool(accelerator.is_available())
+    return torch.cuda.is_available() or (hasattr(torch.backends, "mps") and torch.backends.mps.is_available())
 
 
 def settings_of(args: ISCSETrainingArguments) -> Dict[str, Any]:

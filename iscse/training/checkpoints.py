@@ -70,7 +70,7 @@ def _file_problem(path: Path, size: int) -> Optional[str]:
 
             with safe_open(str(path), framework="pt") as handle:
                 handle.keys()
-    except (OSError, ValueError, zipfile.BadZipFile, RuntimeError, Exception) as exc:  # noqa: BLE001
+    except Exception as exc:  # noqa: BLE001 - whatever the parser raises, the file is unusable
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return f"{name} is corrupt ({first})"
     return None
@@ -181,8 +181,9 @@ def fsync_tree(folder: Path) -> None:
 def publish(staged: Path, final: Path) -> None:
     """Make the complete folder ``staged`` appear at ``final`` in one rename (an existing ``final``, e.g. the same
     step saved again after a resume, is swapped out atomically where Linux allows it, then deleted)."""
-    from ..models import _replace_dir
+    from ..models import _replace_dir, apply_umask
 
+    apply_umask(staged)  # torch.save and friends write some files 0600
     fsync_tree(staged)
     _replace_dir(staged, final)
     fsync_dir(final.parent)

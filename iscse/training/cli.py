@@ -255,7 +255,10 @@ def train(args) -> Dict[str, Any]:
                     args.objective, args.ops, args.device, ", fp16" if args.fp16 else ", bf16" if args.bf16 else "",
                     f"; resuming from {resume_dir}" if resume_dir else "")
         started = time.perf_counter()
-        trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir else None)
+        try:
+            trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir else None)
+        finally:
+            trainer.metrics.flush()  # the steps done before a crash are on record too
         runtime = time.perf_counter() - started
         summary: Dict[str, Any] = {"global_step": trainer.state.global_step, "total_steps": total_steps,
                                    "stopped": trainer.stopped, "best_metric": trainer.best_metric,
@@ -270,6 +273,10 @@ def train(args) -> Dict[str, Any]:
                     "final weights" if not trainer.evaluated else
                     f"best STS-B dev {trainer.best_metric:.2f} at step {trainer.best_step}",
                     Path(args.output_dir) / "model")
+        if is_main and trainer.first_eval is not None and trainer.first_eval["step"] == 0:
+            print(f"STS-B dev (Spearman x100): {trainer.first_eval['score']:.2f} before training, "
+                  f"{trainer.best_metric:.2f} after (best, step {trainer.best_step}; model in "
+                  f"{Path(args.output_dir) / 'model'})", flush=True)
         if is_main and not args.skip_test_eval and data["data_dir"] is not None:
             summary["test"] = _test(args, data["data_dir"], trainer)
         if is_main:

@@ -86,6 +86,7 @@ class ISCSETrainer(Trainer):
         self.stop = StopOnSignal()
         self.best_metric: Optional[float] = None
         self.best_step: Optional[int] = None
+        self.first_eval: Optional[Dict[str, float]] = None  # the first STS-B dev score of this run: {"step", "score"}
         self.evaluated = False
         self._num_examples = num_examples if num_examples is not None else len(train_dataset)
         tokenizer = model.encoder.tokenizer
@@ -122,7 +123,8 @@ class ISCSETrainer(Trainer):
         sampler = EpochBatchSampler(len(self.train_dataset), args.per_device_train_batch_size, seed,
                                     args.world_size, args.process_index)
         return EpochDataLoader(self.train_dataset, batch_sampler=sampler, collate_fn=self.data_collator,
-                               num_workers=args.dataloader_num_workers, pin_memory=args.dataloader_pin_memory)
+                               num_workers=args.dataloader_num_workers,
+                               pin_memory=args.dataloader_pin_memory and args.device.type == "cuda")
 
     # ------------------------------------------------------------------ loss
 
@@ -196,6 +198,8 @@ class ISCSETrainer(Trainer):
             metrics[f"{metric_key_prefix}_sickr_spearman"] = results["SICKRelatedness"]
         metrics[f"{metric_key_prefix}_avg_sts"] = results["avg"]
         step = self.state.global_step
+        if self.first_eval is None:
+            self.first_eval = {"step": step, "score": stsb}
         improved = self.best_metric is None or stsb > self.best_metric
         self.evaluated = True
         if improved:
