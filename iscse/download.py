@@ -22,6 +22,7 @@ argument to pass instead (``--train_file``, ``--data_dir``).
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shutil
 import sys
@@ -42,6 +43,8 @@ WIKI1M_URL = f"https://huggingface.co/datasets/{SIMCSE_DATA_REPO}/resolve/main/{
 SENTEVAL_URL = f"https://huggingface.co/datasets/{SIMCSE_DATA_REPO}/resolve/main/{SENTEVAL_ARCHIVE}"
 
 SENTEVAL_SUBDIR = Path("SentEval") / "data" / "downstream"
+
+logger = logging.getLogger(__name__)
 
 
 class DownloadError(RuntimeError):
@@ -65,6 +68,11 @@ def fetch(filename: str, dest_dir: str | os.PathLike, *, repo_id: str = SIMCSE_D
     bars_were_on = not are_progress_bars_disabled()
     if not show_progress:
         disable_progress_bars()
+    # huggingface_hub logs every retry of a failing request as a warning; a failure is reported once, below.
+    hub_logger = logging.getLogger("huggingface_hub")
+    hub_level = hub_logger.level
+    hub_logger.setLevel(logging.ERROR)
+    logger.info("fetching %s from the Hub dataset %s into %s", filename, repo_id, dest)
     try:
         dest.mkdir(parents=True, exist_ok=True)
         return Path(hf_hub_download(repo_id=repo_id, filename=filename, repo_type="dataset", local_dir=dest))
@@ -72,6 +80,7 @@ def fetch(filename: str, dest_dir: str | os.PathLike, *, repo_id: str = SIMCSE_D
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DownloadError(f"could not download {filename} from the Hub dataset {repo_id} ({first})") from None
     finally:
+        hub_logger.setLevel(hub_level)
         if bars_were_on and not show_progress:
             enable_progress_bars()
 
