@@ -498,6 +498,67 @@ class SentenceEncoder(nn.Module):
         apply_umask(folder)
 
     def _write_sentence_transformers_config(self, folder: Path) -> None:
+        """The sentence-transformers pipeline files, written by sentence-transformers itself where it is installed
+        (its module classes and ``SentenceTransformer.save``, so the files follow the installed version's
+        format), else by hand in the same layout (also the fallback should that fail)."""
+        try:
+            import sentence_transformers  # noqa: F401
+        except ImportError:
+            self._write_sentence_transformers_files(folder)
+            return
+        try:
+            self._save_with_sentence_transformers(folder)
+        except Exception as exc:  # noqa: BLE001 - an API change there must not lose the checkpoint
+            logger.warning("sentence-transformers could not write its files (%s: %s); writing them by hand",
+                           type(exc).__name__, exc)
+            self._write_sentence_transformers_files(folder)
+
+    def _weighted_layers(self) -> tuple[int, list[float]] | None:
+        """``(layer_start, weights)`` of the layer average ``avg_top2`` / ``avg_first_last`` compute (over
+        ``hidden_states[layer_start:]``), None for the other poolers."""
+        if self._pooler not in ("avg_top2", "avg_first_last"):
+            return None
+        layers = int(self.backbone.config.num_hidden_layers)
+        if self._pooler == "avg_top2":
+            return layers - 1, [1.0, 1.0]
+        return 0, [1.0] + [0.0] * (layers - 1) + [1.0]
+
+    def _save_with_sentence_transformers(self, folder: Path) -> None:
+        import importlib
+
+        from sentence_transformers import SentenceTransformer
+
+        try:
+            mods = importlib.import_module("sentence_transformers.sentence_transformer.modules")  # >= 6
+        except ImportError:
+            mods = importlib.import_module("sentence_transformers.models")
+        hidden = self.hidden_size
+        weighted = self._weighted_layers()
+        if weighted is not None:
+            # SentenceTransformer's Transformer module returns all layers only when config.output_hidden_states
+            # is set.
+            config_path = folder / "config.json"
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+            config["output_hidden_states"] = True
+            _write_json(config_path, config)
+        modules = [mods.Transformer(str(folder), max_seq_length=self.max_seq_length)]
+        if weighted is not None:
+            layer_start, weights = weighted
+            modules.append(mods.WeightedLayerPooling(hidden, int(self.backbone.config.num_hidden_layers),
+                                                     layer_start,
+                                                     # a Parameter, or it is left out of the saved weights
+                                                     nn.Parameter(torch.tensor(weights, dtype=torch.float32))))
+        modules.append(mods.Pooling(hidden, pooling_mode="cls" if self._pooler.startswith("cls") else "mean"))
+        if self._pooler == "cls" and not self.mlp_only_train:
+            dense = mods.Dense(hidden, hidden, bias=True, activation_function=nn.Tanh())
+            with torch.no_grad():
+                dense.linear.weight.copy_(self.mlp.dense.weight.detach().float().cpu())
+                dense.linear.bias.copy_(self.mlp.dense.bias.detach().float().cpu())
+            modules.append(dense)
+        pipeline = SentenceTransformer(modules=modules, device="cpu", similarity_fn_name="cosine")
+        pipeline.save(str(folder), create_model_card=False)
+
+    def _write_sentence_transformers_files(self, folder: Path) -> None:
         from safetensors.torch import save_file
 
         hidden = self.hidden_size

@@ -531,8 +531,9 @@ def test_without_network_the_error_names_the_flag(tiny, tmp_path, monkeypatch, c
     out = tmp_path / "run"
     argv = tiny_args(tiny, out, train_file=None, cache_dir=str(tmp_path / "cache"))
     assert T.main(argv) == 2
-    err = capsys.readouterr().err
-    assert "--train_file" in err and "wiki1m_for_simcse.txt" in err and len(err.strip().splitlines()) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "fetching wiki1m_for_simcse.txt" in err[0]  # the log line before the attempt, then the error
+    assert len(err) == 2 and "--train_file" in err[1] and "wiki1m_for_simcse.txt" in err[1]
     argv = tiny_args(tiny, out, cache_dir=str(tmp_path / "cache"), eval_steps=5)
     assert T.main(argv) == 2
     assert "--data_dir" in capsys.readouterr().err
