@@ -21,10 +21,9 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import signal
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import pytest
 import torch
@@ -471,6 +470,14 @@ def test_flag_spellings_of_the_earlier_trainer_and_of_transformers(tiny, tmp_pat
     b = T.parse_args(base + ["--gradient_accumulation_steps", "4", "--report_to", "none", "--no_reinit_mlp",
                              "--lr_scheduler_type", "cosine", "--warmup_steps", "0.1", "--use_cpu"])
     assert (b.gradient_accumulation_steps, b.reinit_mlp, b.lr_scheduler_type.value) == (4, False, "cosine")
+    # SimCSE's run_unsup_example.sh (--fp16 left out: this machine has no GPU)
+    c = T.parse_args(base + ["--num_train_epochs", "1", "--per_device_train_batch_size", "64", "--learning_rate",
+                             "3e-5", "--max_seq_length", "32", "--evaluation_strategy", "steps",
+                             "--metric_for_best_model", "stsb_spearman", "--load_best_model_at_end", "--eval_steps",
+                             "125", "--pooler_type", "cls", "--mlp_only_train", "--overwrite_output_dir", "--temp",
+                             "0.05", "--do_train", "--do_eval"])
+    assert (c.eval_strategy.value, c.eval_steps, c.load_best_model_at_end, c.metric_for_best_model) == (
+        "steps", 125, False, None)
 
 
 @pytest.mark.parametrize("flags, named", [

@@ -7,7 +7,10 @@ and the Hugging Face trainer's otherwise; every ``TrainingArguments`` flag works
 ``--report_to``, ``--torch_compile``, ``--fsdp``, ``--deepspeed``, ...). Some Hugging Face defaults are replaced by
 the scripts' values (batch 64, lr 3e-5, one epoch, STS-B dev every 125 steps, ...). Spellings kept from this
 project's earlier trainer: ``--resume_from`` (= ``--resume_from_checkpoint``), ``--eval_at_start``
-(= ``--eval_on_start``), ``--alpha_constant`` (= ``--alpha``), and ``--no-X`` / ``--no_X`` for every on/off flag.
+(= ``--eval_on_start``), ``--alpha_constant`` (= ``--alpha``), and ``--no-X`` / ``--no_X`` for every on/off flag;
+from SimCSE's run scripts: ``--evaluation_strategy`` (= ``--eval_strategy``), and ``--metric_for_best_model
+stsb_spearman --load_best_model_at_end``, which this trainer does anyway (the best model by STS-B dev is kept in
+``output_dir/model``).
 
 ``--preset NAME`` makes a paper run's values (:data:`PRESETS`) the defaults; flags given on the command line
 override them. With ``--resume_from``, the checkpoint's own settings become the defaults, and a flag that would
@@ -22,7 +25,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Tuple
+from typing import Any, Dict, Literal, Optional, Sequence, Tuple
 
 from transformers import HfArgumentParser, TrainingArguments
 
@@ -120,7 +123,8 @@ class ISCSETrainingArguments(TrainingArguments):
     per_device_eval_batch_size: int = _default("per_device_eval_batch_size", 128)
     learning_rate: float = _default("learning_rate", 3e-5)
     num_train_epochs: float = _default("num_train_epochs", 1.0)
-    eval_strategy: _BASE["eval_strategy"].type = _default("eval_strategy", "steps")
+    eval_strategy: _BASE["eval_strategy"].type = _default("eval_strategy", "steps",
+                                                          aliases=["--evaluation_strategy"])
     eval_steps: Optional[float] = _default("eval_steps", 125)
     eval_on_start: bool = _default("eval_on_start", False, aliases=["--eval_at_start"])
     save_total_limit: Optional[int] = _default("save_total_limit", 2)
@@ -359,6 +363,14 @@ def _check_before_construction(values: Dict[str, Any]) -> None:
             raise ConfigError(f"--device {device} was asked for but CUDA is not available here; pass --device cpu")
     if values.get("fp16") and values.get("bf16"):
         raise ConfigError("--fp16 and --bf16 are exclusive; pass one (or --no-fp16 to drop a preset's)")
+    metric = values.get("metric_for_best_model")
+    if metric is not None or values.get("load_best_model_at_end"):
+        # SimCSE's and IS-CSE's scripts pass --metric_for_best_model stsb_spearman --load_best_model_at_end: this
+        # trainer always keeps the best model by STS-B dev in output_dir/model, so the two are redundant here.
+        if metric not in (None, "stsb_spearman", "eval_stsb_spearman"):
+            raise ConfigError(f"--metric_for_best_model {metric!r}: the model is selected on STS-B dev "
+                              "(stsb_spearman) and kept in output_dir/model; leave the flag out")
+        values["metric_for_best_model"], values["load_best_model_at_end"] = None, False
     if values.get("push_to_hub"):
         raise ConfigError("--push_to_hub is not supported by this trainer; upload output_dir/model after training "
                           "(huggingface-cli upload)")

@@ -22,8 +22,8 @@ scheduler and scaler, their rotation, resuming (including skipping the batches a
 """
 from __future__ import annotations
 
+import functools
 import logging
-import math
 import shutil
 import time
 from pathlib import Path
@@ -93,8 +93,9 @@ class ISCSETrainer(Trainer):
         super().__init__(
             model=model, args=args, train_dataset=train_dataset,
             # the Trainer refuses eval_strategy "steps" without an eval set; this is what evaluate() reads
-            eval_dataset={"data_dir": data_dir} if data_dir else None,
-            data_collator=lambda rows: collate_two_views(rows, tokenizer.pad_token_id, tokenizer.padding_side),
+            eval_dataset=[data_dir] if data_dir else None,
+            data_collator=functools.partial(collate_two_views, pad_token_id=tokenizer.pad_token_id,
+                                            padding_side=tokenizer.padding_side),
             callbacks=[self.metrics, self.stop, *(callbacks or [])],
         )
         # The Hugging Face progress bar prints every log dict; MetricsLog writes a readable line instead.
