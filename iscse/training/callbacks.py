@@ -8,6 +8,8 @@
   second Ctrl-C stops at once. Under DDP the ranks agree at logging steps.
 - :class:`QuietProgress`: the Hugging Face progress bar without the dict it prints at every log (the log line of
   :class:`MetricsLog` says the same, readably).
+- :class:`RankSeed`: process ``r`` draws its dropout masks from ``seed + r`` (the library seeds every process
+  alike), so the processes of a data-parallel run do not share masks.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from transformers.trainer_callback import ProgressCallback
 
 from ..distributed import any_flag
 
-__all__ = ["MetricsLog", "StopOnSignal", "QuietProgress"]
+__all__ = ["MetricsLog", "StopOnSignal", "QuietProgress", "RankSeed"]
 
 logger = logging.getLogger("iscse.train")
 
@@ -168,3 +170,14 @@ class QuietProgress(ProgressCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and self.training_bar is not None and logs and "loss" in logs:
             self.training_bar.set_postfix(loss=f"{logs['loss']:.4f}", refresh=False)
+
+
+class RankSeed(TrainerCallback):
+    """At the start of training, seed Python, NumPy and torch with ``seed + process_index`` (dropout is the
+    augmentation: ranks must not draw the same masks). A resumed run then restores each rank's saved RNG state
+    before its first step, as the library does."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        from transformers import set_seed
+
+        set_seed(args.seed + args.process_index)

@@ -19,6 +19,8 @@ scheduler and scaler, their rotation, resuming (including skipping the batches a
 - :meth:`_save_checkpoint` / :meth:`_load_from_checkpoint`: the memory buffer saved and restored with each
   checkpoint; checkpoints written atomically (:mod:`iscse.training.checkpoints`); replicas checked to hold the same
   buffer before a save.
+- callbacks (:mod:`iscse.training.callbacks`): ``metrics.jsonl`` and the log line, Ctrl-C, and per-rank dropout
+  seeds (``seed + rank``; the library seeds every rank alike).
 """
 from __future__ import annotations
 
@@ -40,7 +42,7 @@ from ..data import EpochBatchSampler, collate_two_views
 from ..distributed import gather_with_grad, is_distributed
 from ..models import SentenceEncoder
 from .arguments import ISCSETrainingArguments, settings_of
-from .callbacks import MetricsLog, QuietProgress, StopOnSignal
+from .callbacks import MetricsLog, QuietProgress, RankSeed, StopOnSignal
 from .checkpoints import publish, write_manifest
 from .model import ISCSEModel, StepAlpha
 
@@ -96,7 +98,7 @@ class ISCSETrainer(Trainer):
             eval_dataset=[data_dir] if data_dir else None,
             data_collator=functools.partial(collate_two_views, pad_token_id=tokenizer.pad_token_id,
                                             padding_side=tokenizer.padding_side),
-            callbacks=[self.metrics, self.stop, *(callbacks or [])],
+            callbacks=[RankSeed(), self.metrics, self.stop, *(callbacks or [])],
         )
         # The Hugging Face progress bar prints every log dict; MetricsLog writes a readable line instead.
         self.remove_callback(PrinterCallback)
