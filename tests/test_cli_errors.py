@@ -114,21 +114,40 @@ def test_train_data_dir_incomplete_or_a_file(tiny, tmp_path, capsys):
     assert not out.exists()
 
 
-@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root reads any folder, so permissions "
-                    "cannot make one unreadable (the incomplete-folder case covers the same path)")
-def test_unreadable_data_dir(tiny, tmp_path, capsys):
+def test_unreadable_data_dir(tiny, tmp_path, capsys, monkeypatch):
     import shutil
 
     data = tmp_path / "senteval"
     shutil.copytree(tiny["data_dir"], data)
-    (data / "STS" / "STSBenchmark").chmod(0)
+    locked = data / "STS" / "STSBenchmark"
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        # root reads any folder whatever its permissions: make the read fail as it would for a user
+        import iscse.evaluate
+        import iscse.senteval
+
+        real = iscse.senteval.load_sts_task
+
+        def denied(root, task, split):
+            if task == "STSBenchmark":
+                raise PermissionError(13, "Permission denied", str(locked / f"sts-{split}.csv"))
+            return real(root, task, split)
+
+        monkeypatch.setattr(iscse.senteval, "load_sts_task", denied)
+        monkeypatch.setattr(iscse.evaluate, "load_sts_task", denied)
+    else:
+        locked.chmod(0)
     try:
         assert T.main(tiny_args(tiny, tmp_path / "out", data_dir=str(data), eval_steps=2)) == 2
-        assert "--data_dir" in _one_line(capsys.readouterr().err)
-        assert E.main(["--model_name_or_path", tiny["model"], "--data_dir", str(data), "--mode", "dev"]) == 2
-        assert "--data_dir" in _one_line(capsys.readouterr().err)
+        line = _one_line(capsys.readouterr().err)
+        assert "--data_dir" in line and "cannot be read" in line and "STSBenchmark dev" in line, line
+        assert not (tmp_path / "out").exists()
+        with pytest.raises(SystemExit) as exit_info:
+            E.main(["--model_name_or_path", tiny["model"], "--data_dir", str(data), "--mode", "dev"])
+        assert exit_info.value.code == 2
+        line = _one_line(capsys.readouterr().err)
+        assert "--data_dir" in line and "Permission denied" in line, line
     finally:
-        (data / "STS" / "STSBenchmark").chmod(0o755)
+        locked.chmod(0o755)
 
 
 @pytest.mark.parametrize("model, says", [
