@@ -479,6 +479,19 @@ class SentenceEncoder(nn.Module):
             raise
 
     def _write_checkpoint(self, folder: Path) -> None:
+        from transformers.utils import logging as hf_logging
+
+        # Saving is not a long task of its own: no "Writing model shards" / "Loading weights" bars in the middle
+        # of a training run's progress bar.
+        bars_were_on = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        try:
+            self._write_checkpoint_files(folder)
+        finally:
+            if bars_were_on:
+                hf_logging.enable_progress_bar()
+
+    def _write_checkpoint_files(self, folder: Path) -> None:
         from safetensors.torch import save_file
 
         hf_pooler = self._hf_pooler

@@ -355,7 +355,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     console = logging.StreamHandler(sys.stderr)
     console.setFormatter(logging.Formatter(_LOG_FORMAT, datefmt=_LOG_DATEFMT))
     console.setLevel(logging.INFO if rank == 0 else logging.WARNING)
-    console.addFilter(lambda record: not record.name.startswith("iscse.train.file"))
+    # train.log has everything; the console skips the file-only records and the evaluator's per-task lines (the
+    # trainer logs each evaluation's result itself)
+    console.addFilter(lambda record: not record.name.startswith("iscse.train.file") and not (
+        record.name.startswith("iscse.evaluate") and record.levelno < logging.WARNING))
     pkg.addHandler(console)
     from transformers.utils import logging as hf_logging
 
