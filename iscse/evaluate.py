@@ -47,10 +47,10 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-from .models import POOLERS, SentenceEncoder
+from . import transfer  # numpy only; it imports scikit-learn when a protocol function runs
+from .models import POOLERS, SentenceEncoder, check_encoder, current_umask
 from .senteval import (DATA_DIR_ENV, STS_TASKS, TRANSFER_FOLDERS, TRANSFER_TASKS, STSPairs, TransferSplit,
                        load_sts_task, load_transfer_task, resolve_data_dir)
-from . import transfer  # numpy only; it imports scikit-learn when a protocol function runs
 
 __all__ = ["DEV_TASKS", "MODES", "TASK_SETS", "evaluate_sts", "evaluate_transfer", "format_table", "main"]
 
@@ -345,8 +345,15 @@ def _transfer_tables(results: dict, mode: str) -> str:
     return format_table(names + ["Avg."], scores + [avg]) + "\n" + "\n".join(lines)
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """Errors are one line (no usage block, no traceback), exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())}\n")
+
+
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         prog="python -m iscse.evaluate",
         description="STS12-16, STS-B and SICK-R Spearman x100 of a sentence encoder, with the SentEval protocol "
                     "as SimCSE and IS-CSE report it, and SentEval's transfer tasks (MR, CR, SUBJ, MPQA, SST2, "
@@ -424,10 +431,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             _import_sklearn()
         except ImportError as exc:
             parser.error(str(exc))
+    split = "dev" if args.mode == "dev" else "test"
+    for task in sts_tasks:  # every STS file the run reads, before the model loads
+        try:
+            load_sts_task(data_dir, task, split)
+        except (OSError, ValueError, UnicodeDecodeError, IndexError, KeyError) as exc:
+            parser.error(f"--data_dir {str(data_dir)!r}: {task} {split} cannot be read ({exc})")
+    try:
+        check_encoder(args.model_name_or_path)
+    except ValueError as exc:
+        parser.error(f"--model_name_or_path {exc}")
+    except OSError as exc:
+        parser.error(f"--model_name_or_path {args.model_name_or_path!r} could not be loaded ({exc}); offline, pass "
+                     "a local model folder")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     started = time.perf_counter()
-    encoder = SentenceEncoder.from_pretrained(args.model_name_or_path, pooler=args.pooler)
+    try:
+        encoder = SentenceEncoder.from_pretrained(args.model_name_or_path, pooler=args.pooler)
+    except OSError as exc:
+        parser.error(f"--model_name_or_path {args.model_name_or_path!r} could not be loaded ({exc})")
     encoder.to(device)
     logger.info("model %s, pooler %s (mlp_only_train=%s), device %s", args.model_name_or_path, encoder.pooler,
                 encoder.mlp_only_train, device)
@@ -456,6 +479,7 @@ def _write_json_atomic(path: Path, obj: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes it 0600; the result follows the user's umask
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             json.dump(obj, handle, indent=2)
             handle.write("\n")

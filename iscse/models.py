@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["POOLERS", "MLPLayer", "SentenceEncoder", "pool"]
+__all__ = ["POOLERS", "MLPLayer", "SentenceEncoder", "pool", "check_encoder", "looks_local", "current_umask", "apply_umask"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +56,61 @@ _HUB_KWARGS = ("revision", "cache_dir", "token", "local_files_only", "trust_remo
 # Model types whose position ids start after the padding index: 514 position embeddings hold 512 tokens.
 _OFFSET_POSITION_MODELS = ("roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "roberta-prelayernorm",
                            "data2vec-text", "longformer")
+
+
+def looks_local(name_or_path: str | os.PathLike) -> bool:
+    """True when ``name_or_path`` can only be a folder, never a Hub id: absolute, starting with ``.`` or ``~``,
+    holding a backslash, or more than one ``/`` (Hub ids are ``name`` or ``owner/name``)."""
+    text = str(name_or_path)
+    return (os.path.isabs(text) or text.startswith((".", "~")) or "\\" in text or text.count("/") > 1
+            or os.path.exists(text))
+
+
+def check_encoder(name_or_path: str | os.PathLike, **hub_kwargs: Any) -> Any:
+    """Check that ``name_or_path`` names a BERT- or RoBERTa-like encoder before any weights are loaded; returns
+    its ``transformers`` config.
+
+    A path that :func:`looks_local` must exist (no Hub look-up, hence no network retries, for it), be a folder and
+    hold ``config.json``. The model type must be one with a masked-language-model head in ``transformers`` (BERT,
+    RoBERTa, DistilBERT, MPNet, ModernBERT, ...: bidirectional encoders with a first ``[CLS]``-like token) and not
+    an encoder-decoder; decoder-only models (GPT-2, Llama, ...) and vision or audio models are refused.
+    ``hub_kwargs`` go to ``AutoConfig.from_pretrained`` (``revision``, ``cache_dir``, ``token``, ...).
+
+    Raises ``ValueError`` with one sentence starting with the name and saying what to pass instead; ``OSError``
+    (from ``transformers``) when a Hub id cannot be fetched.
+    """
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    text = str(name_or_path)
+    if text == "":
+        raise ValueError("the model name is empty; pass a Hugging Face model name or a local folder")
+    path = Path(text).expanduser()
+    if looks_local(text) or path.exists():
+        if not path.exists():
+            raise ValueError(f"{text!r} does not exist; pass a local model folder (holding config.json) or a "
+                             "Hugging Face model name such as bert-base-uncased")
+        if not path.is_dir():
+            raise ValueError(f"{text!r} is a file; pass the folder that holds config.json and the weights")
+        if not os.access(path, os.R_OK | os.X_OK):
+            raise ValueError(f"{text!r} cannot be read (permission denied)")
+        if not (path / "config.json").is_file():
+            raise ValueError(f"{text!r} holds no config.json: it is not a Hugging Face model folder (pass the "
+                             "folder that save_pretrained or the trainer wrote)")
+        try:
+            config = AutoConfig.from_pretrained(str(path), **hub_kwargs)
+        except (OSError, ValueError, KeyError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ValueError(f"{text!r}: config.json cannot be read ({first})") from None
+    else:
+        config = AutoConfig.from_pretrained(text, **hub_kwargs)
+    model_type = getattr(config, "model_type", None)
+    if (model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES or getattr(config, "is_encoder_decoder", False)
+            or getattr(config, "is_decoder", False)):
+        raise ValueError(f"{text!r} is a {model_type or 'model of unknown type'} model, not a BERT- or RoBERTa-like "
+                         "encoder; IS-CSE trains bidirectional encoders (bert, roberta, distilbert, mpnet, "
+                         "modernbert, ...): pass one of those")
+    return config
 
 
 def _check_pooler(pooler: Any) -> str:
@@ -378,7 +433,7 @@ class SentenceEncoder(nn.Module):
 
     # ------------------------------------------------------------------ saving
 
-    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+    def save_pretrained(self, save_directory: str | os.PathLike, atomic: bool = True) -> None:
         """Write a checkpoint folder that ``AutoModel``, ``SentenceTransformer`` and ``from_pretrained`` load.
 
         Contents: the backbone in Hugging Face format with safetensors weights (the MLP, when the backbone has a
@@ -393,13 +448,20 @@ class SentenceEncoder(nn.Module):
         the target in one rename (Linux ``renameat2(RENAME_EXCHANGE)``; elsewhere two renames, so a crash between
         them leaves the previous checkpoint complete under ``.<name>.old-*`` beside the target). The target is
         replaced as a whole: it must be missing, empty, or an earlier ``save_pretrained`` folder, otherwise
-        ``ValueError`` (so a folder holding other files, such as logs, is never deleted).
+        ``ValueError`` (so a folder holding other files, such as logs, is never deleted). ``atomic=False`` writes
+        straight into ``save_directory`` (created if missing) and keeps other files there: for a caller that
+        publishes the folder atomically itself, as the trainer does with its checkpoints. Files and folders get
+        the permissions of the user's umask.
         """
         if self.tokenizer is None:
             raise ValueError("tokenizer: this SentenceEncoder was built without a tokenizer; save_pretrained needs one")
         if not isinstance(save_directory, (str, os.PathLike)) or str(save_directory) == "":
             raise ValueError(f"save_directory must be a folder path, got {save_directory!r}")
         target = Path(save_directory).expanduser().absolute()
+        if not atomic:
+            target.mkdir(parents=True, exist_ok=True)
+            self._write_checkpoint(target)
+            return
         if target.exists():
             if not target.is_dir():
                 raise ValueError(f"save_directory {str(target)!r} exists and is not a folder")
@@ -408,7 +470,7 @@ class SentenceEncoder(nn.Module):
                     f"save_directory {str(target)!r} is not empty and was not written by save_pretrained (no "
                     f"{_ISCSE_CONFIG}); the folder is replaced as a whole, so choose an empty or new folder")
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))  # 0700: apply_umask fixes it
         try:
             self._write_checkpoint(tmp)
             _replace_dir(tmp, target)
@@ -417,6 +479,19 @@ class SentenceEncoder(nn.Module):
             raise
 
     def _write_checkpoint(self, folder: Path) -> None:
+        from transformers.utils import logging as hf_logging
+
+        # Saving is not a long task of its own: no "Writing model shards" / "Loading weights" bars in the middle
+        # of a training run's progress bar.
+        bars_were_on = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        try:
+            self._write_checkpoint_files(folder)
+        finally:
+            if bars_were_on:
+                hf_logging.enable_progress_bar()
+
+    def _write_checkpoint_files(self, folder: Path) -> None:
         from safetensors.torch import save_file
 
         hf_pooler = self._hf_pooler
@@ -433,8 +508,70 @@ class SentenceEncoder(nn.Module):
                       str(folder / _ISCSE_MLP), metadata={"format": "pt"})
         _write_json(folder / _ISCSE_CONFIG, {"pooler": self._pooler, "mlp_only_train": self.mlp_only_train})
         self._write_sentence_transformers_config(folder)
+        apply_umask(folder)
 
     def _write_sentence_transformers_config(self, folder: Path) -> None:
+        """The sentence-transformers pipeline files, written by sentence-transformers itself where it is installed
+        (its module classes and ``SentenceTransformer.save``, so the files follow the installed version's
+        format), else by hand in the same layout (also the fallback should that fail)."""
+        try:
+            import sentence_transformers  # noqa: F401
+        except ImportError:
+            self._write_sentence_transformers_files(folder)
+            return
+        try:
+            self._save_with_sentence_transformers(folder)
+        except Exception as exc:  # noqa: BLE001 - an API change there must not lose the checkpoint
+            logger.warning("sentence-transformers could not write its files (%s: %s); writing them by hand",
+                           type(exc).__name__, exc)
+            self._write_sentence_transformers_files(folder)
+
+    def _weighted_layers(self) -> tuple[int, list[float]] | None:
+        """``(layer_start, weights)`` of the layer average ``avg_top2`` / ``avg_first_last`` compute (over
+        ``hidden_states[layer_start:]``), None for the other poolers."""
+        if self._pooler not in ("avg_top2", "avg_first_last"):
+            return None
+        layers = int(self.backbone.config.num_hidden_layers)
+        if self._pooler == "avg_top2":
+            return layers - 1, [1.0, 1.0]
+        return 0, [1.0] + [0.0] * (layers - 1) + [1.0]
+
+    def _save_with_sentence_transformers(self, folder: Path) -> None:
+        import importlib
+
+        from sentence_transformers import SentenceTransformer
+
+        try:
+            mods = importlib.import_module("sentence_transformers.sentence_transformer.modules")  # >= 6
+        except ImportError:
+            mods = importlib.import_module("sentence_transformers.models")
+        hidden = self.hidden_size
+        weighted = self._weighted_layers()
+        if weighted is not None:
+            # SentenceTransformer's Transformer module returns all layers only when config.output_hidden_states
+            # is set.
+            config_path = folder / "config.json"
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+            config["output_hidden_states"] = True
+            _write_json(config_path, config)
+        modules = [mods.Transformer(str(folder), max_seq_length=self.max_seq_length)]
+        if weighted is not None:
+            layer_start, weights = weighted
+            modules.append(mods.WeightedLayerPooling(hidden, int(self.backbone.config.num_hidden_layers),
+                                                     layer_start,
+                                                     # a Parameter, or it is left out of the saved weights
+                                                     nn.Parameter(torch.tensor(weights, dtype=torch.float32))))
+        modules.append(mods.Pooling(hidden, pooling_mode="cls" if self._pooler.startswith("cls") else "mean"))
+        if self._pooler == "cls" and not self.mlp_only_train:
+            dense = mods.Dense(hidden, hidden, bias=True, activation_function=nn.Tanh())
+            with torch.no_grad():
+                dense.linear.weight.copy_(self.mlp.dense.weight.detach().float().cpu())
+                dense.linear.bias.copy_(self.mlp.dense.bias.detach().float().cpu())
+            modules.append(dense)
+        pipeline = SentenceTransformer(modules=modules, device="cpu", similarity_fn_name="cosine")
+        pipeline.save(str(folder), create_model_card=False)
+
+    def _write_sentence_transformers_files(self, folder: Path) -> None:
         from safetensors.torch import save_file
 
         hidden = self.hidden_size
@@ -483,6 +620,25 @@ class SentenceEncoder(nn.Module):
         _write_json(folder / "sentence_bert_config.json", {"max_seq_length": self.max_seq_length,
                                                            "do_lower_case": False})
         _write_json(folder / "config_sentence_transformers.json", {"similarity_fn_name": "cosine"})
+
+
+def apply_umask(folder: str | os.PathLike) -> None:
+    """Give ``folder``, everything under it, the permissions a new file or folder gets from the user's umask
+    (libraries that write through temporary files leave some at 0600)."""
+    mask = current_umask()
+    for dirpath, _, names in os.walk(folder):
+        os.chmod(dirpath, 0o777 & ~mask)
+        for name in names:
+            path = os.path.join(dirpath, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o666 & ~mask)
+
+
+def current_umask() -> int:
+    """The process's file-creation mask (read by setting and restoring it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _describe(x: Any) -> str:

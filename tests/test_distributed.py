@@ -7,7 +7,8 @@ with dropout 0: the views are then identical (``L_cl`` and ``L_s`` are still pro
 the global batch), and what is compared is exactly what data parallelism must preserve: the global batch seen by
 the loss (all-gather with the local slice differentiable), the memory buffer (the same on every rank: the trainer
 checks a checksum across ranks before each checkpoint and refuses to save otherwise), the gradients, and the
-optimizer trajectory.
+optimizer trajectory. The process group, DDP wrapping and per-rank RNG files are ``transformers.Trainer``'s (through
+``accelerate``); the data slicing and the all-gather are this package's.
 
 - ``--ddp_gradient sum``: DDP's averaged gradient times the world size is the single-process gradient of the global
   batch, so the per-step losses agree within 1e-5 relative with gradient clipping on.
@@ -26,9 +27,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_train import assert_losses_close, make_tiny_setup, read_metrics, tiny_args
+from test_train import assert_losses_close, make_tiny_setup, one_thread, read_metrics, tiny_args  # noqa: F401
 
 from iscse import train as T
+from iscse.training.trainer import LOSS_STATE
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -74,9 +76,10 @@ def test_two_processes_match_one_with_the_global_batch(tiny_nodropout, tmp_path,
     assert_losses_close(two, one, rtol=rtol)
 
     # The buffer rank 0 saved (after the checksum check across ranks) is the single process's buffer.
-    state = {name: torch.load(d / "checkpoints" / f"step-{steps}" / "training_state.pt", weights_only=True)
-             for name, d in (("one", single), ("two", ddp))}
-    b1, b2 = (state[n]["criterion"]["_extra_state"]["buffer"] for n in ("one", "two"))
-    assert (b1["ptr"], b1["written"]) == (b2["ptr"], b2["written"]) == (steps * 8 % 32, steps * 8)
+    ckpt = {name: d / f"checkpoint-{steps}" for name, d in (("one", single), ("two", ddp))}
+    state = {name: torch.load(folder / LOSS_STATE, weights_only=True) for name, folder in ckpt.items()}
+    b1, b2 = (state[n]["_extra_state"]["buffer"] for n in ("one", "two"))
+    assert int(b1["written"]) == int(b2["written"]) == steps * 8
+    assert int(b1["ptr"]) == int(b2["ptr"]) == steps * 8 % 32
     torch.testing.assert_close(b2["storage"], b1["storage"], rtol=10 * rtol, atol=10 * rtol)
-    assert (ddp / "checkpoints" / f"step-{steps}" / "rng_state_1.pt").is_file()
+    assert (ckpt["two"] / "rng_state_1.pth").is_file() and (ckpt["two"] / "rng_state_0.pth").is_file()

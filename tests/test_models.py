@@ -264,3 +264,18 @@ def test_max_seq_length_respects_tokenizer_and_positions(tokenizer):
     assert encoder.max_seq_length == 128  # positions (128) below the tokenizer's 512
     long_sentence = " ".join(["word"] * 300)
     assert encoder.encode([long_sentence], show_progress=False).shape == (1, 32)  # truncated, no crash
+
+
+def test_sentence_transformers_files_by_hand_when_its_save_fails(tokenizer, tmp_path, monkeypatch):
+    st = pytest.importorskip("sentence_transformers")
+    encoder = SentenceEncoder(tiny_backbone(seed=4), tokenizer, pooler="cls", mlp_only_train=False)
+    ours = encoder.encode(SENTENCES, show_progress=False)
+
+    def broken(self, folder):
+        raise TypeError("an API that changed")
+
+    monkeypatch.setattr(SentenceEncoder, "_save_with_sentence_transformers", broken)
+    encoder.save_pretrained(tmp_path / "ckpt")
+    model = st.SentenceTransformer(str(tmp_path / "ckpt"), device="cpu")
+    theirs = model.encode(SENTENCES, convert_to_tensor=True, batch_size=2)
+    torch.testing.assert_close(theirs.cpu().float(), ours, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,183 @@
+"""``transformers.TrainerCallback`` s of the IS-CSE trainer.
+
+- :class:`MetricsLog`: ``metrics.jsonl`` (one JSON object a line: every step's ``loss``, ``L_cl``, ``L_s``,
+  ``alpha``, ``lr``, ``epoch``, and ``grad_norm`` at logging steps; every evaluation; the test scores) and the
+  human-readable log line every ``--logging_steps``. Per-step values stay on the device until a logging step (or a
+  checkpoint), when they are read back with one sync.
+- :class:`StopOnSignal`: Ctrl-C (SIGINT) or SIGTERM finishes the current step, saves a checkpoint and stops; a
+  second Ctrl-C stops at once. Under DDP the ranks agree at logging steps.
+- :class:`QuietProgress`: the Hugging Face progress bar without the dict it prints at every log (the log line of
+  :class:`MetricsLog` says the same, readably).
+- :class:`RankSeed`: process ``r`` draws its dropout masks from ``seed + r`` (the library seeds every process
+  alike), so the processes of a data-parallel run do not share masks.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+from transformers import TrainerCallback
+from transformers.trainer_callback import ProgressCallback
+
+from ..distributed import any_flag
+
+__all__ = ["MetricsLog", "StopOnSignal", "QuietProgress", "RankSeed"]
+
+logger = logging.getLogger("iscse.train")
+
+
+class MetricsLog(TrainerCallback):
+    """Writes ``metrics.jsonl`` and the log lines (see the module docstring).
+
+    Args:
+        path: ``output_dir/metrics.jsonl`` on the main process, None on the others (they keep the records in
+            :attr:`history` but write nothing).
+
+    The trainer calls :meth:`add` once per micro-batch with the detached loss components; gradient-accumulation
+    micro-batches of one optimizer step are averaged into that step's record.
+    """
+
+    def __init__(self, path: Optional[Path]) -> None:
+        self.path = path
+        self.history: List[Dict[str, Any]] = []
+        self._pending: Dict[int, Dict[str, Any]] = {}
+        self._last_time = time.perf_counter()
+        self._last_step: Optional[int] = None
+
+    # ------------------------------------------------------------------ called by the trainer
+
+    def add(self, step: int, loss: torch.Tensor, l_cl: torch.Tensor, l_s: torch.Tensor, alpha: float,
+            lr: float) -> None:
+        """Record one micro-batch of optimizer step ``step`` (1-based): device scalars, no sync."""
+        values = torch.stack([loss.detach().float(), l_cl.detach().float(), l_s.detach().float()])
+        entry = self._pending.get(step)
+        if entry is None:
+            self._pending[step] = {"values": values, "n": 1, "alpha": float(alpha), "lr": float(lr)}
+        else:
+            entry["values"] = entry["values"] + values
+            entry["n"] += 1
+
+    def write(self, record: Dict[str, Any]) -> None:
+        """Append one record (an evaluation, the test scores) to ``metrics.jsonl``."""
+        if self.path is not None:
+            with open(self.path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(record) + "\n")
+
+    def flush(self, grad_norm: Optional[float] = None) -> Optional[Dict[str, Any]]:
+        """Read the pending steps back (one sync), append them to ``metrics.jsonl``; returns the newest record.
+        ``grad_norm`` goes into the newest record."""
+        if not self._pending:
+            return None
+        steps = sorted(self._pending)
+        stacked = torch.stack([self._pending[s]["values"] / self._pending[s]["n"] for s in steps]).double().cpu()
+        records = []
+        for step, (loss, l_cl, l_s) in zip(steps, stacked.tolist()):
+            entry = self._pending[step]
+            rec = {"event": "train", "step": step, "epoch": entry.get("epoch"), "loss": loss, "L_cl": l_cl,
+                   "L_s": l_s, "alpha": entry["alpha"], "lr": entry["lr"]}
+            records.append(rec)
+            if not math.isfinite(loss):
+                logger.warning("step %d: the loss is %s", step, loss)
+        if grad_norm is not None:
+            records[-1]["grad_norm"] = float(grad_norm)
+        self._pending.clear()
+        self.history.extend(records)
+        if self.path is not None:
+            with open(self.path, "a", encoding="utf-8") as fh:
+                fh.write("".join(json.dumps(r) + "\n" for r in records))
+        return records[-1]
+
+    # ------------------------------------------------------------------ TrainerCallback events
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._last_time, self._last_step = time.perf_counter(), state.global_step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        entry = self._pending.get(state.global_step)
+        if entry is not None:
+            entry["epoch"] = round(float(state.epoch), 6)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or "loss" not in logs:
+            return
+        last = self.flush(logs.get("grad_norm"))
+        if last is None:
+            return
+        now = time.perf_counter()
+        rate = (now - self._last_time) / max(1, state.global_step - (self._last_step or 0))
+        self._last_time, self._last_step = now, state.global_step
+        logger.info("step %d/%d | loss %.4f (L_cl %.4f, L_s %.4f, alpha %.4g) | lr %.3g%s | %.2f s/step",
+                    last["step"], state.max_steps, last["loss"], last["L_cl"], last["L_s"], last["alpha"],
+                    last["lr"], f" | grad_norm {last['grad_norm']:.3g}" if "grad_norm" in last else "", rate)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.flush()
+
+
+class StopOnSignal(TrainerCallback):
+    """SIGINT / SIGTERM: checkpoint and stop at the next step boundary; a second SIGINT interrupts at once.
+    Handlers are installed (main thread only) for the duration of ``train()``. :attr:`stopped` tells whether the
+    run ended this way."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.stopped = False
+        self._old: Dict[int, Any] = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps:
+            return
+        if args.world_size > 1:  # the ranks must agree: ask at logging steps only (a collective)
+            every = max(1, int(state.logging_steps or 1))
+            if state.global_step % every:
+                return
+            requested = any_flag(self.requested, args.device)
+        else:
+            requested = self.requested
+        if requested:
+            control.should_save = True
+            control.should_training_stop = True
+            self.stopped = True
+            logger.warning("stopping at step %d on request; continue with --resume_from %s", state.global_step,
+                           args.output_dir)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+        self._old.clear()
+
+
+class QuietProgress(ProgressCallback):
+    """``transformers``' progress bar, showing the loss in the bar instead of printing every log dict."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and self.training_bar is not None and logs and "loss" in logs:
+            self.training_bar.set_postfix(loss=f"{logs['loss']:.4f}", refresh=False)
+
+
+class RankSeed(TrainerCallback):
+    """At the start of training, seed Python, NumPy and torch with ``seed + process_index`` (dropout is the
+    augmentation: ranks must not draw the same masks). A resumed run then restores each rank's saved RNG state
+    before its first step, as the library does."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        from transformers import set_seed
+
+        set_seed(args.seed + args.process_index)

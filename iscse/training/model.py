@@ -1,0 +1,62 @@
+"""The model the trainer trains: a :class:`~iscse.models.SentenceEncoder` (backbone and SimCSE pooler) together with
+the :class:`~iscse.ISCSELoss` that owns the IS-CSE memory buffer.
+
+Keeping the loss inside the model means it moves with ``.to(device)`` and is wrapped with the encoder by DDP (it has
+no parameters, so DDP has nothing to synchronise for it); its state (buffer and step) is saved with each checkpoint
+by the trainer (``iscse_loss.pt``). ``forward`` only embeds; the trainer's ``compute_loss`` forms the two views,
+all-gathers them across processes and calls :attr:`ISCSEModel.criterion`.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from ..loss import ISCSELoss
+from ..models import SentenceEncoder
+
+__all__ = ["ISCSEModel", "StepAlpha"]
+
+
+class StepAlpha:
+    """Alpha as a function of the optimizer step, for :class:`~iscse.ISCSELoss` (which passes its own call count,
+    ignored here): the trainer sets :attr:`step` before each loss call, so with gradient accumulation every
+    micro-batch of an update gets that update's alpha. ``schedule(step) -> float``."""
+
+    def __init__(self, schedule: Callable[[int], float]) -> None:
+        self.schedule = schedule
+        self.step = 0
+
+    def __call__(self, _calls: int) -> float:
+        return float(self.schedule(self.step))
+
+    def __repr__(self) -> str:
+        return f"StepAlpha({self.schedule!r})"
+
+
+class ISCSEModel(nn.Module):
+    """A sentence encoder and its training criterion.
+
+    Args:
+        encoder: the :class:`~iscse.models.SentenceEncoder` being trained.
+        criterion: an :class:`~iscse.ISCSELoss` (``--objective iscse``), or None for plain SimCSE InfoNCE.
+
+    ``forward(input_ids, attention_mask, token_type_ids=None)`` returns the encoder's ``(N, H)`` embeddings, with
+    the MLP head applied in training as the encoder's pooler says.
+    """
+
+    def __init__(self, encoder: SentenceEncoder, criterion: Optional[ISCSELoss] = None) -> None:
+        super().__init__()
+        if not isinstance(encoder, SentenceEncoder):
+            raise TypeError(f"encoder must be a SentenceEncoder, got {type(encoder).__name__}")
+        if criterion is not None and not isinstance(criterion, ISCSELoss):
+            raise TypeError(f"criterion must be an ISCSELoss or None, got {type(criterion).__name__}")
+        self.encoder = encoder
+        self.criterion = criterion
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                token_type_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``(N, L)`` token ids -> ``(N, H)`` sentence embeddings (see :meth:`SentenceEncoder.forward`)."""
+        return self.encoder(input_ids, attention_mask, token_type_ids)
+
