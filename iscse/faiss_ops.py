@@ -522,20 +522,21 @@ class FaissBackend(Backend):
     def _default(device: torch.device) -> Backend:
         return get_backend("auto", device)
 
-    def smooth(self, q, storage, idx, vals, attn_temperature):
+    def smooth(self, q, storage, idx, vals, attn_temperature, aggregation="attention"):
         """The device default backend's ``smooth``."""
-        return self._default(q.device).smooth(q, storage, idx, vals, attn_temperature)
+        return self._default(q.device).smooth(q, storage, idx, vals, attn_temperature, aggregation=aggregation)
 
     def info_nce(self, a, b, temperature):
         """The device default backend's ``info_nce``."""
         return self._default(a.device).info_nce(a, b, temperature)
 
-    def losses(self, z1, z2, q2, storage, self_slots, ptr, *, k, temperature, attn_temperature, smooth, knn=None):
+    def losses(self, z1, z2, q2, storage, self_slots, ptr, *, k, temperature, attn_temperature, smooth, knn=None,
+               aggregation="attention"):
         """The device default backend's ``losses`` (a fused one included), with this object as its kNN step
         unless ``knn`` names another."""
         return self._default(z1.device).losses(z1, z2, q2, storage, self_slots, ptr, k=k, temperature=temperature,
                                                attn_temperature=attn_temperature, smooth=smooth,
-                                               knn=knn if knn is not None else self)
+                                               knn=knn if knn is not None else self, aggregation=aggregation)
 
     def __repr__(self) -> str:
         if not self.approximate:
