@@ -14,9 +14,10 @@ A backend provides four operations on plain tensors (the functional API has alre
   working for the paper's path.
 - ``info_nce(a, b, temperature)`` -> scalar, differentiable in ``a`` and ``b``.
 - ``losses(z1, z2, q2, storage, self_slots, ptr, k, temperature, attn_temperature, smooth, knn,
-  aggregation="attention")`` -> ``(L_cl, L_s)``; the default composes the three above, a fused backend overrides it. ``self_slots`` is None
-  when nothing is to be excluded. ``smooth`` is a Python bool: :func:`iscse.iscse_loss` passes ``True`` and masks
-  ``L_s`` with the buffer's device "full" flag itself, so no backend branches on a device value.
+  aggregation="attention")`` -> ``(L_cl, L_s)``; the default composes the three above, a fused backend overrides
+  it. ``self_slots`` is None when nothing is to be excluded. ``smooth`` is a Python bool: :func:`iscse.iscse_loss`
+  passes ``True`` and masks ``L_s`` with the buffer's device "full" flag itself, so no backend branches on a device
+  value.
 
 A step must not read device values on the host (no ``.item()``, ``bool(tensor)``, ``int(tensor)`` or Python
 branches on them), so that it can be captured in a CUDA graph and compiled without graph breaks. A backend that

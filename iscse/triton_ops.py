@@ -142,8 +142,8 @@ class ISCSELossesFunction(torch.autograd.Function):
     ``forward(z1, z2, q2, storage, self_slots, idx, k, temperature, attn_temperature, smooth, mean)``: ``z1``, ``z2``
     ``(B, D)``; ``q2 = normalize(z2)`` (a value only: its gradient is folded into ``z2``'s inside the kernel);
     ``storage`` ``(M, D)``; ``self_slots`` int64 ``(B,)``; ``idx``: neighbour slots from another backend, or None to
-    run the Triton kNN; ``mean``: mean aggregation instead of attention. Returns two 0-dim fp32 tensors (``L_s`` is 0 when ``smooth`` is False); backward gets a
-    gradient for each and scales each component by its own.
+    run the Triton kNN; ``mean``: mean aggregation instead of attention. Returns two 0-dim fp32 tensors (``L_s``
+    is 0 when ``smooth`` is False); backward gets a gradient for each and scales each component by its own.
     """
 
     @staticmethod

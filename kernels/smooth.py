@@ -218,9 +218,9 @@ def smooth_forward(q: torch.Tensor, storage: torch.Tensor, k: int, attn_temperat
     ``q`` ``(B, D)`` (fp32/bf16/fp16), ``storage`` ``(M, D)``; neighbours from exactly one of ``candidates`` (the
     ``(cand_v, cand_i)`` of :func:`iscse.kernels.knn_topk.knn_topk_candidates`, merged here) or ``idx`` (int
     ``(B, k)`` slots). ``vals`` (``(B, k)``, with ``idx``): use these as the neighbour logits instead of the exact dot
-    products. ``mean``: uniform weights ``1 / (k + 1)`` (mean aggregation). Returns ``(z_star, w, idx, dots, nb)``: fp32 ``(B, D)``, fp32 ``(B, k + 1)`` (column 0 the self
-    weight), int64 ``(B, k)``, fp32 ``(B, k)`` (the logits' dot products used) and the neighbour rows ``(B, k, D)``
-    in the buffer's dtype (for backward).
+    products. ``mean``: uniform weights ``1 / (k + 1)`` (mean aggregation). Returns ``(z_star, w, idx, dots, nb)``:
+    fp32 ``(B, D)``, fp32 ``(B, k + 1)`` (column 0 the self weight), int64 ``(B, k)``, fp32 ``(B, k)`` (the logits'
+    dot products used) and the neighbour rows ``(B, k, D)`` in the buffer's dtype (for backward).
     """
     batch, dim = q.shape
     kp = k_pad(k)

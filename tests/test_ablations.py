@@ -71,6 +71,13 @@ def test_reference_backend_matches_reference(grouping, aggregation):
     _run(5, 23, 13, 4, 9, grouping, aggregation, backend="reference", rtol=1e-12)
 
 
+@pytest.mark.parametrize("grouping", ["knn", "pddp"])
+def test_faiss_backend_matches_reference(grouping):
+    """backend="faiss": kNN by FAISS and mean aggregation by the default path; PDDP routed to the torch one."""
+    pytest.importorskip("faiss")
+    _run(4, 19, 13, 3, 8, grouping, "mean", backend="faiss")
+
+
 def test_pddp_k_equal_to_buffer_size_is_one_group():
     """k = M: M // k = 1 group, no split: every query attends over the whole set."""
     _run(3, 10, 7, 10, 6, "pddp", "attention")
@@ -316,9 +323,9 @@ def test_pddp_routes_other_backends_to_torch(backend):
     dev = _device() if backend == "triton" else "cpu"
     B, M, D, k = 3, 12, 7, 3
     buf_a, buf_b = iscse.MemoryBuffer(M, D, device=dev), iscse.MemoryBuffer(M, D, device=dev)
-    for _ in range(6):
+    for _ in range(4):
         z1, z2 = torch.randn(B, D, device=dev), torch.randn(B, D, device=dev)
-        for aggregation in ("attention",):
+        for aggregation in ("attention", "mean"):
             a = iscse.iscse_loss(z1, z2, buf_a, k=k, backend=backend, grouping="pddp", aggregation=aggregation)
             b = iscse.iscse_loss(z1, z2, buf_b, k=k, backend="torch", grouping="pddp", aggregation=aggregation)
             assert_rel_close(a, b, 1e-5, f"{backend} vs torch")
