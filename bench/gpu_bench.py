@@ -156,6 +156,10 @@ def _launch_all_for_compile(shapes):
             S.smooth_backward_fused(g, g, z, z, grads, (q, nb, w), 2.0)
             S.smooth_backward_fused(g, None, z, z, (grads[0], grads[1], None, None), None, 2.0)
             S.smooth_backward(torch.empty(B, D, **f32), q, nb, w, 2.0)
+            # aggregation="mean" (the paper's ablation): the MEAN specialisations
+            S.smooth_forward(q, buf, k, 2.0, candidates=cands, mean=True)
+            S.smooth_backward_fused(g, g, z, z, grads, (q, nb, w), 2.0, mean=True)
+            S.smooth_backward(torch.empty(B, D, **f32), q, nb, w, 2.0, mean=True)
             N.info_nce_forward(z, z, zs, 0.05)
             N.info_nce_forward(z, z, None, 0.05)
     finally:

@@ -78,6 +78,15 @@ def check_positive(name: str, value) -> float:
     return float(value)
 
 
+def check_choice(name: str, value, choices) -> str:
+    """One of the names ``choices`` (``grouping``, ``aggregation`` ...)."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, one of {tuple(choices)}, got {type(value).__name__}")
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; expected one of {tuple(choices)}")
+    return value
+
+
 def check_k(k, candidates: int | None = None) -> int:
     """A positive int, at most the number of rows that can be neighbours (buffer size minus the query's own)."""
     if isinstance(k, bool) or not isinstance(k, numbers.Integral):

@@ -2,6 +2,9 @@
 
 Every function takes ``backend=``: ``"auto"`` (Triton for CUDA tensors when it imports, otherwise torch),
 ``"torch"``, ``"reference"``, ``"triton"`` or ``"faiss"`` (kNN by FAISS, the rest by the device's default path).
+
+The paper's ablations: ``aggregation="mean"`` (:func:`smooth`, :func:`iscse_loss`) and ``grouping="pddp"``
+(:func:`iscse_loss`; torch only, :mod:`iscse.pddp`).
 """
 from __future__ import annotations
 
@@ -13,8 +16,15 @@ import torch.nn.functional as F
 from . import _validation as V
 from .backends import compute_backend, resolve_knn
 from .buffer import MemoryBuffer, snapshot
+from .pddp import check_pddp, pddp_losses
 
-__all__ = ["knn_topk", "smooth", "info_nce", "iscse_loss", "ISCSEOutput"]
+__all__ = ["knn_topk", "smooth", "info_nce", "iscse_loss", "ISCSEOutput", "GROUPINGS", "AGGREGATIONS"]
+
+#: ``grouping=`` names: ``"knn"`` (the paper: each query's k nearest buffer rows) or ``"pddp"`` (the released code's
+#: ablation: ``M // k`` groups by Principal Direction Divisive Partitioning, :mod:`iscse.pddp`).
+GROUPINGS = ("knn", "pddp")
+#: ``aggregation=`` names: ``"attention"`` (the paper) or ``"mean"`` (the released code's ablation: plain mean).
+AGGREGATIONS = ("attention", "mean")
 
 BufferLike = Union[MemoryBuffer, torch.Tensor]
 
@@ -92,7 +102,7 @@ def knn_topk(q: torch.Tensor, buffer: BufferLike, k: int, *, self_slots="last",
 
 
 def smooth(q: torch.Tensor, buffer: BufferLike, idx: torch.Tensor, vals: torch.Tensor,
-           attn_temperature: float = 2.0, *, backend: str = "auto") -> torch.Tensor:
+           attn_temperature: float = 2.0, *, backend: str = "auto", aggregation: str = "attention") -> torch.Tensor:
     """Instance smoothing: ``z*_i = softmax([q_i.q_i, vals_i] / attn_temperature) @ [q_i; buffer[idx_i]]``.
 
     Args:
@@ -102,6 +112,9 @@ def smooth(q: torch.Tensor, buffer: BufferLike, idx: torch.Tensor, vals: torch.T
         idx: int64 ``(B, k)`` neighbour slots, from :func:`knn_topk`.
         vals: ``(B, k)`` their dot products with ``q``, from :func:`knn_topk` (used as the attention logits).
         attn_temperature: the attention divisor (the paper's code divides by 2).
+        aggregation: ``"attention"`` (the paper, above) or ``"mean"`` (the released code's ablation:
+            ``z*_i = mean([q_i; buffer[idx_i]])``, uniform weights ``1 / (k + 1)``; ``vals`` and ``attn_temperature``
+            are then unused).
 
     Returns:
         ``(B, D)`` smoothed positives ``z*`` in fp32 (fp64 for fp64 inputs).
@@ -110,6 +123,7 @@ def smooth(q: torch.Tensor, buffer: BufferLike, idx: torch.Tensor, vals: torch.T
     V.check_embeddings("q", q, storage.shape[1])
     V.check_same_device("q", q, storage.device)
     t = V.check_positive("attn_temperature", attn_temperature)
+    aggregation = V.check_choice("aggregation", aggregation, AGGREGATIONS)
     for name, x, dtypes in (("idx", idx, (torch.int64,)), ("vals", vals, V.FLOAT_DTYPES)):
         if not isinstance(x, torch.Tensor) or x.dtype not in dtypes:
             raise TypeError(f"{name} must be a tensor of dtype {dtypes}, got "
@@ -119,7 +133,10 @@ def smooth(q: torch.Tensor, buffer: BufferLike, idx: torch.Tensor, vals: torch.T
         V.check_same_device(name, x, q.device, "q")
     if idx.shape != vals.shape:
         raise ValueError(f"idx and vals must have the same shape, got {tuple(idx.shape)} and {tuple(vals.shape)}")
-    return compute_backend(backend, q.device).smooth(q, storage, idx, vals, t)
+    impl = compute_backend(backend, q.device)
+    if aggregation == "attention":  # the interface's original call, for backends that predate the ablation
+        return impl.smooth(q, storage, idx, vals, t)
+    return impl.smooth(q, storage, idx, vals, t, aggregation=aggregation)
 
 
 def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float = 0.05, *, backend: str = "auto") -> torch.Tensor:
@@ -136,7 +153,8 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float = 0.05, *, bac
 def iscse_loss(z1: torch.Tensor, z2: torch.Tensor, buffer: MemoryBuffer, *, k: int = 16, temperature: float = 0.05,
                attn_temperature: float = 2.0, alpha: Union[float, torch.Tensor] = 0.1, backend: str = "auto",
                knn_backend: Optional[str] = None, return_components: bool = False,
-               check_finite: Optional[bool] = None, push: bool = True) -> Union[torch.Tensor, ISCSEOutput]:
+               check_finite: Optional[bool] = None, push: bool = True, grouping: str = "knn",
+               aggregation: str = "attention") -> Union[torch.Tensor, ISCSEOutput]:
     """One IS-CSE step: push ``normalize(z2)`` into ``buffer``, return ``L_cl + alpha * L_s``.
 
     ``L_cl`` is InfoNCE of ``z1`` against ``z2``; once every buffer slot has been written, ``L_s`` is InfoNCE of
@@ -168,6 +186,19 @@ def iscse_loss(z1: torch.Tensor, z2: torch.Tensor, buffer: MemoryBuffer, *, k: i
         push: ``True`` (default): push ``q2`` first, then exclude each query's own slot from its neighbours (a
             training step). ``False``: leave the buffer unchanged and search all of its current rows (nothing to
             exclude: the queries are not in it); ``L_s`` is on when the buffer is already full (an evaluation).
+        grouping: how each query's group is formed. ``"knn"`` (default, the paper): the query and its ``k``
+            nearest buffer rows. ``"pddp"`` (the released code's ablation, :mod:`iscse.pddp`): ``M // k`` groups by
+            Principal Direction Divisive Partitioning of ``[q2; the M - B buffer rows before the batch]``
+            (``1 <= k <= M``); the gradient also flows through the other in-batch rows of the query's group. PDDP is
+            torch only: whatever ``backend`` is given it runs :mod:`iscse.pddp` (``backend="reference"``: the
+            transcription :func:`iscse.reference.pddp_aggregate`) and ``backend`` computes only the two InfoNCE
+            terms; ``knn_backend`` must be None. A PDDP step reads the device on the host (group sizes are data
+            dependent: a sync on CUDA, a graph break under ``torch.compile``), so it reads the "full" flag there
+            too and skips the grouping while the buffer fills. With ``push=False`` the groups are those the same
+            batch would get in a training step (``[q2; the M - B newest rows]``), the buffer unchanged.
+        aggregation: ``"attention"`` (default, the paper): softmax of ``q2_i . x / attn_temperature`` over the
+            group; ``"mean"`` (the released ablation): the group's plain mean (``"knn"``: the ``k + 1`` rows
+            ``[q2_i; neighbours]``; ``"pddp"``: the query's group, which the released code does not define).
 
     Bad input raises ``ValueError``/``TypeError`` naming the argument before the buffer changes.
     """
@@ -177,7 +208,12 @@ def iscse_loss(z1: torch.Tensor, z2: torch.Tensor, buffer: MemoryBuffer, *, k: i
     V.check_same_device("z1", z1, buffer.device)
     if z1.shape[0] > buffer.size:
         raise ValueError(f"batch size {z1.shape[0]} is larger than the buffer size {buffer.size}")
-    k = V.check_k(k, buffer.size - 1)
+    grouping = V.check_choice("grouping", grouping, GROUPINGS)
+    aggregation = V.check_choice("aggregation", aggregation, AGGREGATIONS)
+    if grouping == "pddp":
+        k = check_pddp(k, buffer.size, knn_backend)
+    else:
+        k = V.check_k(k, buffer.size - 1)
     temperature = V.check_positive("temperature", temperature)
     attn_temperature = V.check_positive("attn_temperature", attn_temperature)
     alpha = V.check_alpha(alpha, allow_tensor=True)
@@ -186,12 +222,20 @@ def iscse_loss(z1: torch.Tensor, z2: torch.Tensor, buffer: MemoryBuffer, *, k: i
     if not isinstance(push, bool):
         raise TypeError(f"push must be a bool, got {type(push).__name__}")
     impl = compute_backend(backend, z1.device)
-    knn = resolve_knn(backend, knn_backend, z2, buffer.storage) or impl
+    if grouping == "pddp":
+        knn = impl
+    else:
+        knn = resolve_knn(backend, knn_backend, z2, buffer.storage) or impl
     if V.finite_check_wanted(check_finite, z1):
         V.check_finite("z1", z1)
         V.check_finite("z2", z2)
 
     q2 = F.normalize(z2, dim=-1)
+    if grouping == "pddp":
+        l_cl, l_s = pddp_losses(impl, z1, z2, q2, buffer, push, k=k, temperature=temperature,
+                                attn_temperature=attn_temperature, aggregation=aggregation)
+        loss = l_cl + (alpha.to(l_s.dtype) if isinstance(alpha, torch.Tensor) else alpha) * l_s
+        return ISCSEOutput(loss, l_cl, l_s) if return_components else loss
     self_slots = buffer.push(q2) if push else None  # the write slots are the queries' own slots
     # Reads of the buffer's device state, snapshotted under torch.compile (see iscse.buffer.snapshot).
     self_slots = snapshot(self_slots) if self_slots is not None else None
@@ -200,8 +244,11 @@ def iscse_loss(z1: torch.Tensor, z2: torch.Tensor, buffer: MemoryBuffer, *, k: i
         smooth, full = buffer.full, None  # a host read, as these backends read the host anyway
     else:
         smooth, full = True, snapshot(buffer.full_tensor)
+    # aggregation is passed only when it is not the default, so Backend subclasses that predate it keep working.
+    extra = {} if aggregation == "attention" else {"aggregation": aggregation}
     l_cl, l_s = impl.losses(z1, z2, q2, buffer.storage, self_slots, ptr, k=k,
-                            temperature=temperature, attn_temperature=attn_temperature, smooth=smooth, knn=knn)
+                            temperature=temperature, attn_temperature=attn_temperature, smooth=smooth, knn=knn,
+                            **extra)
     if full is not None:
         # torch.where, not a product: a 0 * NaN would be NaN, and where's backward sends exactly 0 to the branch
         # not taken.

@@ -11,7 +11,8 @@ import torch.nn as nn
 from . import _validation as V
 from .backends import Backend, prepare, resolve_name
 from .buffer import MemoryBuffer, snapshot
-from .functional import iscse_loss
+from .functional import AGGREGATIONS, GROUPINGS, iscse_loss
+from .pddp import check_pddp
 
 __all__ = ["ISCSELoss", "alpha_schedule", "AlphaSchedule"]
 
@@ -135,6 +136,10 @@ class ISCSELoss(nn.Module):
         check_finite: raise ``ValueError`` on NaN/inf input. ``None`` (default): on CPU only, where it costs no
             synchronisation; ``True``: on CUDA too (a device-to-host read every step); ``False``: never. Skipped
             under ``torch.compile`` and CUDA graph capture.
+        grouping: ``"knn"`` (default, the paper) or ``"pddp"`` (the released code's ablation: ``buffer_size // k``
+            groups by Principal Direction Divisive Partitioning; torch only, host reads every step, ``k`` may equal
+            ``buffer_size``); aggregation: ``"attention"`` (default) or ``"mean"``. See :func:`iscse.iscse_loss`
+            and the README's "Ablations" section. Saved in ``state_dict()`` only when not the default.
 
     Inputs ``z1``, ``z2``: ``(B, D)``, ``B <= buffer_size``, any float dtype; the result is an fp32 scalar (fp64
     for fp64 inputs). State on the device: the buffer (rows, write pointer, fill count) and the step counter, so a
@@ -155,9 +160,14 @@ class ISCSELoss(nn.Module):
     def __init__(self, dim: int, buffer_size: int = 1024, k: int = 16, temperature: float = 0.05,
                  attn_temperature: float = 2.0, alpha: Union[float, Callable[[torch.Tensor], Any]] = 0.1,
                  backend: str = "auto", knn_backend: Optional[str] = None, buffer_dtype: torch.dtype = torch.float32,
-                 check_finite: Optional[bool] = None) -> None:
+                 check_finite: Optional[bool] = None, grouping: str = "knn", aggregation: str = "attention") -> None:
         super().__init__()
-        V.check_k(k, buffer_size - 1 if isinstance(buffer_size, int) else None)
+        self.grouping = V.check_choice("grouping", grouping, GROUPINGS)
+        self.aggregation = V.check_choice("aggregation", aggregation, AGGREGATIONS)
+        if grouping == "pddp" and isinstance(buffer_size, int):
+            check_pddp(k, buffer_size, knn_backend)
+        else:
+            V.check_k(k, buffer_size - 1 if isinstance(buffer_size, int) else None)
         self.buffer = MemoryBuffer(buffer_size, dim, dtype=buffer_dtype)
         self.k = int(k)
         self.temperature = V.check_positive("temperature", temperature)
@@ -229,7 +239,7 @@ class ISCSELoss(nn.Module):
         out = iscse_loss(z1, z2, self.buffer, k=self.k, temperature=self.temperature,
                          attn_temperature=self.attn_temperature, alpha=self._alpha(), backend=self.backend,
                          knn_backend=self.knn_backend, return_components=True, check_finite=self.check_finite,
-                         push=update)
+                         push=update, grouping=self.grouping, aggregation=self.aggregation)
         if update:
             self._step.add_(1)
         self.last_components = (out.contrastive.detach(), out.smooth.detach())
@@ -246,12 +256,19 @@ class ISCSELoss(nn.Module):
         return self
 
     def get_extra_state(self):
-        """``{"buffer": MemoryBuffer.state_dict(), "step": int, "alpha": dict or None}`` (reads the device)."""
-        return {"buffer": self.buffer.state_dict(), "step": self.step, "alpha": _alpha_state(self.alpha)}
+        """``{"buffer": MemoryBuffer.state_dict(), "step": int, "alpha": dict or None}`` (reads the device), plus
+        ``"grouping"`` / ``"aggregation"`` when not the defaults ``"knn"`` / ``"attention"`` (so a default module's
+        state is what it was before the ablations existed)."""
+        state = {"buffer": self.buffer.state_dict(), "step": self.step, "alpha": _alpha_state(self.alpha)}
+        if self.grouping != "knn":
+            state["grouping"] = self.grouping
+        if self.aggregation != "attention":
+            state["aggregation"] = self.aggregation
+        return state
 
     def set_extra_state(self, state) -> None:
-        """Restore the buffer, the step and (when saved) the alpha schedule; accepts earlier versions' state (no
-        ``alpha``). Validated before anything changes."""
+        """Restore the buffer, the step and (when saved) the alpha schedule, grouping and aggregation (absent: the
+        module keeps its own); accepts earlier versions' state (no ``alpha``). Validated before anything changes."""
         if not isinstance(state, dict) or "buffer" not in state:
             raise ValueError("ISCSELoss state must be a dict with a 'buffer' entry (from state_dict())")
         step = state.get("step", 0)
@@ -261,12 +278,22 @@ class ISCSELoss(nn.Module):
             raise ValueError(f"ISCSELoss state['step'] must be an int >= 0, got {step!r}")
         alpha = state.get("alpha")
         alpha = None if alpha is None else _alpha_from_state(alpha)
+        grouping = V.check_choice("ISCSELoss state['grouping']", state.get("grouping", self.grouping), GROUPINGS)
+        aggregation = V.check_choice("ISCSELoss state['aggregation']", state.get("aggregation", self.aggregation),
+                                     AGGREGATIONS)
+        if grouping == "pddp":
+            check_pddp(self.k, self.buffer.size, self.knn_backend)
+        else:
+            V.check_k(self.k, self.buffer.size - 1)
         self.buffer.load_state_dict(state["buffer"])  # validates before it changes anything
         self._step.fill_(int(step))
         if alpha is not None:
             self.alpha = alpha
+        self.grouping, self.aggregation = grouping, aggregation
 
     def extra_repr(self) -> str:
         return (f"dim={self.buffer.dim}, buffer_size={self.buffer.size}, k={self.k}, temperature={self.temperature}, "
                 f"attn_temperature={self.attn_temperature}, alpha={self.alpha!r}, backend={self.backend!r}, "
-                f"buffer_dtype={self.buffer.dtype}")
+                f"buffer_dtype={self.buffer.dtype}"
+                + (f", grouping={self.grouping!r}" if self.grouping != "knn" else "")
+                + (f", aggregation={self.aggregation!r}" if self.aggregation != "attention" else ""))

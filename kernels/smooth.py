@@ -21,6 +21,10 @@ backward on ``g_s * dL_s/dz*``, folds in the backward of ``q2 = z2 / max(|z2|, 1
 writes ``grad z1 = g_cl dL_cl/dz1 + g_s dL_s/dz1`` and ``grad z2 = g_cl dL_cl/dz2 + normalize'(grad q2)`` in the
 inputs' dtype: one launch for the whole backward.
 
+Mean aggregation (the paper's ablation, ``MEAN=True`` in both kernels): ``w = 1 / (k + 1)`` for every row of
+``[q_i; N_i]``, so ``z*_i`` is the group's mean and ``grad_q = g / (k + 1)`` (the weights do not depend on ``q``:
+``glogit = 0``); the logits' dot products are still computed and written.
+
 Supported: ``q``/``z2`` fp32/bf16/fp16, buffer fp32/bf16/fp16, ``1 <= k <= 256``, any ``B``, ``D``, arbitrary
 strides for ``q``, ``z2`` and the buffer (``grad z*`` is made row-contiguous). All arithmetic is fp32 (no
 ``tl.dot``: each row is a ``K_PAD x BLOCK_D`` tile). Tested under the interpreter up to k = 64 (Triton 3.9 and 3.6,
@@ -53,7 +57,7 @@ def _smooth_fwd_kernel(
     stride_nbb, stride_nbk,
     # meta-parameters
     K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-    MERGE: tl.constexpr, SINGLE: tl.constexpr, USE_VALS: tl.constexpr,
+    MERGE: tl.constexpr, SINGLE: tl.constexpr, USE_VALS: tl.constexpr, MEAN: tl.constexpr,
 ):
     """Per query row: (merge candidates,) gather the k rows, softmax weights, ``z*``; saves the rows to ``NB``."""
     row = tl.program_id(0)
@@ -86,6 +90,9 @@ def _smooth_fwd_kernel(
     denom = e0 + tl.sum(e, axis=0)
     w = e / denom
     w0 = e0 / denom
+    if MEAN:  # uniform weights over [q; the k neighbours]
+        w = tl.where(k_mask, 1.0 / (K + 1), 0.0)
+        w0 = 1.0 / (K + 1)
     tl.store(W + row * stride_wb, w0)
     tl.store(W + row * stride_wb + 1 + kk, w, mask=k_mask)
     tl.store(IDX + row * stride_ib + kk, idx, mask=k_mask)
@@ -113,6 +120,7 @@ def _smooth_bwd_kernel(
     # meta-parameters
     K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_SMOOTH: tl.constexpr, FUSED: tl.constexpr, HAS_G_CL: tl.constexpr, HAS_G_S: tl.constexpr,
+    MEAN: tl.constexpr,
 ):
     """Per row: smooth backward (``grad q``); with ``FUSED`` the whole IS-CSE loss backward (see the module doc)."""
     row = tl.program_id(0)
@@ -154,9 +162,13 @@ def _smooth_bwd_kernel(
                 zn += tl.sum(nb * z[None, :], axis=1)
         gw0 = tl.sum(gq_acc, axis=0)
         # softmax backward: dL/dlogit_j = w_j (gw_j - sum_l w_l gw_l); the logits are divided by t.
-        gbar = w0 * gw0 + tl.sum(w * gw, axis=0)
-        gl0 = w0 * (gw0 - gbar) * inv_t
-        gl = w * (gw - gbar) * inv_t
+        if MEAN:  # constant weights: no gradient through the logits
+            gl0 = 0.0
+            gl = tl.zeros([K_PAD], tl.float32)
+        else:
+            gbar = w0 * gw0 + tl.sum(w * gw, axis=0)
+            gl0 = w0 * (gw0 - gbar) * inv_t
+            gl = w * (gw - gbar) * inv_t
         if FUSED:
             # q2 = z2 / max(|z2|, eps): grad z2 = (gq - z2 (z2.gq) / |z2|^2) / |z2| (or gq / eps below the clamp),
             # with z2.gq assembled from the dot products of loop 1 instead of a third pass over D.
@@ -200,15 +212,15 @@ def _block_d(dim: int, device: torch.device) -> int:
 
 def smooth_forward(q: torch.Tensor, storage: torch.Tensor, k: int, attn_temperature: float, *,
                    candidates: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
-                   idx: Optional[torch.Tensor] = None, vals: Optional[torch.Tensor] = None):
+                   idx: Optional[torch.Tensor] = None, vals: Optional[torch.Tensor] = None, mean: bool = False):
     """Launch ``_smooth_fwd_kernel`` (one program per row).
 
     ``q`` ``(B, D)`` (fp32/bf16/fp16), ``storage`` ``(M, D)``; neighbours from exactly one of ``candidates`` (the
     ``(cand_v, cand_i)`` of :func:`iscse.kernels.knn_topk.knn_topk_candidates`, merged here) or ``idx`` (int
     ``(B, k)`` slots). ``vals`` (``(B, k)``, with ``idx``): use these as the neighbour logits instead of the exact dot
-    products. Returns ``(z_star, w, idx, dots, nb)``: fp32 ``(B, D)``, fp32 ``(B, k + 1)`` (column 0 the self
-    weight), int64 ``(B, k)``, fp32 ``(B, k)`` (the logits' dot products used) and the neighbour rows ``(B, k, D)``
-    in the buffer's dtype (for backward).
+    products. ``mean``: uniform weights ``1 / (k + 1)`` (mean aggregation). Returns ``(z_star, w, idx, dots, nb)``:
+    fp32 ``(B, D)``, fp32 ``(B, k + 1)`` (column 0 the self weight), int64 ``(B, k)``, fp32 ``(B, k)`` (the logits'
+    dot products used) and the neighbour rows ``(B, k, D)`` in the buffer's dtype (for backward).
     """
     batch, dim = q.shape
     kp = k_pad(k)
@@ -238,15 +250,15 @@ def smooth_forward(q: torch.Tensor, storage: torch.Tensor, k: int, attn_temperat
         q.stride(0), q.stride(1), storage.stride(0), storage.stride(1), stride_c, vals_in.stride(0),
         z_star.stride(0), w.stride(0), idx_out.stride(0), dots.stride(0), nb.stride(0), nb.stride(1),
         K=k, K_PAD=kp, BLOCK_C=block_c, BLOCK_D=_block_d(dim, dev), MERGE=merge, SINGLE=n_cand <= block_c,
-        USE_VALS=use_vals, num_warps=4,
+        USE_VALS=use_vals, MEAN=bool(mean), num_warps=4,
     )
     return z_star, w, idx_out, dots, nb
 
 
 def smooth_backward(grad_z: torch.Tensor, q: torch.Tensor, nb: torch.Tensor, w: torch.Tensor,
-                    attn_temperature: float) -> torch.Tensor:
+                    attn_temperature: float, mean: bool = False) -> torch.Tensor:
     """``grad q`` ``(B, D)`` in ``q``'s dtype for the standalone smooth op, from ``grad z*`` and the forward's
-    neighbour rows ``nb`` ``(B, k, D)`` and weights ``w`` ``(B, k + 1)``."""
+    neighbour rows ``nb`` ``(B, k, D)`` and weights ``w`` ``(B, k + 1)``; ``mean`` as in :func:`smooth_forward`."""
     batch, dim = q.shape
     k = nb.shape[1]
     grad_z = grad_z.contiguous() if grad_z.stride(1) != 1 else grad_z
@@ -257,18 +269,20 @@ def smooth_backward(grad_z: torch.Tensor, q: torch.Tensor, nb: torch.Tensor, w: 
         grad_z.stride(0), q.stride(0), q.stride(1), nb.stride(0), nb.stride(1), w.stride(0), q.stride(0),
         q.stride(1), 0, grad_q.stride(0), grad_q.stride(0),
         K=k, K_PAD=k_pad(k), BLOCK_D=_block_d(dim, q.device), HAS_SMOOTH=True, FUSED=False, HAS_G_CL=False,
-        HAS_G_S=False, num_warps=4,
+        HAS_G_S=False, MEAN=bool(mean), num_warps=4,
     )
     return grad_q
 
 
 def smooth_backward_fused(g_cl: Optional[torch.Tensor], g_s: Optional[torch.Tensor], z1: torch.Tensor,
-                          z2: torch.Tensor, grads: Tuple[torch.Tensor, ...], smooth_state, attn_temperature: float):
+                          z2: torch.Tensor, grads: Tuple[torch.Tensor, ...], smooth_state, attn_temperature: float,
+                          mean: bool = False):
     """The whole backward of the fused IS-CSE losses in one launch; returns ``(grad_z1, grad_z2)``.
 
     ``g_cl`` / ``g_s``: 0-dim grads of ``L_cl`` / ``L_s`` (None: zero). ``grads``: ``(gx1, gy, gx2, gz)`` from
     :func:`iscse.kernels.info_nce.info_nce_forward` (fp32 ``(B, D)``, ``gx2``/``gz`` None without smoothing).
     ``smooth_state``: ``(q2, nb, w)`` of the forward (:func:`smooth_forward`), or None without smoothing.
+    ``mean``: the forward used mean aggregation.
     """
     batch, dim = z1.shape
     gx1, gy, gx2, gz = grads
@@ -289,6 +303,6 @@ def smooth_backward_fused(g_cl: Optional[torch.Tensor], g_s: Optional[torch.Tens
         gz.stride(0), q2.stride(0), q2.stride(1), *nb_strides, w.stride(0),
         z2.stride(0), z2.stride(1), gy.stride(0), grad_z2.stride(0), grad_z1.stride(0),
         K=k, K_PAD=k_pad(k), BLOCK_D=_block_d(dim, z1.device), HAS_SMOOTH=has_smooth, FUSED=True,
-        HAS_G_CL=has_g_cl, HAS_G_S=has_g_s, num_warps=4,
+        HAS_G_CL=has_g_cl, HAS_G_S=has_g_s, MEAN=bool(mean) and has_smooth, num_warps=4,
     )
     return grad_z1, grad_z2

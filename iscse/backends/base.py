@@ -9,12 +9,16 @@ A backend provides four operations on plain tensors (the functional API has alre
   slot indices. ``ptr`` is the buffer's write pointer, an int or a 0-dim int64 device tensor (a
   :class:`~iscse.MemoryBuffer` passes its device tensor); only the reference (to rebuild its shifted order, by a
   gather, without reading it) and FAISS's approximate index (which reads it) use it.
-- ``smooth(q, storage, idx, vals, attn_temperature)`` -> ``z*`` ``(B, D)``, differentiable in ``q``.
+- ``smooth(q, storage, idx, vals, attn_temperature, aggregation="attention")`` -> ``z*`` ``(B, D)``,
+  differentiable in ``q``; ``aggregation="mean"`` (the paper's ablation): uniform weights ``1 / (k + 1)``. The
+  functional API passes ``aggregation`` only when it is not the default, so a backend without the ablation keeps
+  working for the paper's path.
 - ``info_nce(a, b, temperature)`` -> scalar, differentiable in ``a`` and ``b``.
-- ``losses(z1, z2, q2, storage, self_slots, ptr, k, temperature, attn_temperature, smooth, knn)`` ->
-  ``(L_cl, L_s)``; the default composes the three above, a fused backend overrides it. ``self_slots`` is None
-  when nothing is to be excluded. ``smooth`` is a Python bool: :func:`iscse.iscse_loss` passes ``True`` and masks
-  ``L_s`` with the buffer's device "full" flag itself, so no backend branches on a device value.
+- ``losses(z1, z2, q2, storage, self_slots, ptr, k, temperature, attn_temperature, smooth, knn,
+  aggregation="attention")`` -> ``(L_cl, L_s)``; the default composes the three above, a fused backend overrides
+  it. ``self_slots`` is None when nothing is to be excluded. ``smooth`` is a Python bool: :func:`iscse.iscse_loss`
+  passes ``True`` and masks ``L_s`` with the buffer's device "full" flag itself, so no backend branches on a device
+  value.
 
 A step must not read device values on the host (no ``.item()``, ``bool(tensor)``, ``int(tensor)`` or Python
 branches on them), so that it can be captured in a CUDA graph and compiled without graph breaks. A backend that
@@ -45,18 +49,21 @@ class Backend:
     def knn_topk(self, q, storage, k, self_slots, ptr=0):  # pragma: no cover - interface
         raise NotImplementedError
 
-    def smooth(self, q, storage, idx, vals, attn_temperature):  # pragma: no cover - interface
+    def smooth(self, q, storage, idx, vals, attn_temperature, aggregation="attention"):  # pragma: no cover
         raise NotImplementedError
 
     def info_nce(self, a, b, temperature):  # pragma: no cover - interface
         raise NotImplementedError
 
     def losses(self, z1, z2, q2, storage, self_slots, ptr, *, k, temperature, attn_temperature, smooth,
-               knn: Optional["Backend"] = None):
+               knn: Optional["Backend"] = None, aggregation: str = "attention"):
         """``(L_cl, L_s)`` for one step; ``L_s`` is a zero tensor when ``smooth`` is False."""
         l_cl = self.info_nce(z1, z2, temperature)
         if not smooth:
             return l_cl, torch.zeros((), dtype=l_cl.dtype, device=l_cl.device)
         vals, idx = (knn or self).knn_topk(q2, storage, k, self_slots, ptr)
-        z_star = self.smooth(q2, storage, idx, vals, attn_temperature)
+        if aggregation == "attention":
+            z_star = self.smooth(q2, storage, idx, vals, attn_temperature)
+        else:
+            z_star = self.smooth(q2, storage, idx, vals, attn_temperature, aggregation=aggregation)
         return l_cl, self.info_nce(z1, z_star, temperature)

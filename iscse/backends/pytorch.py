@@ -90,13 +90,16 @@ class SmoothFunction(torch.autograd.Function):
 
 
 def smooth(q: torch.Tensor, storage: torch.Tensor, idx: torch.Tensor, vals: torch.Tensor,
-           attn_temperature: float = 2.0) -> torch.Tensor:
+           attn_temperature: float = 2.0, aggregation: str = "attention") -> torch.Tensor:
     """Smoothed positives ``z*`` ``(B, D)`` from the neighbour slots ``idx`` and their values ``vals`` ``(B, k)``.
 
     Computed in fp32 (fp64 for fp64 inputs) and returned in that dtype; differentiable in ``q``.
+    ``aggregation="mean"``: ``z* = (q + sum_j N_j) / (k + 1)`` (``vals`` unused; plain autograd).
     """
     dtype = _compute_dtype(q.dtype, storage.dtype)
     neighbours = storage[idx].to(dtype)  # (B, k, D)
+    if aggregation == "mean":
+        return (q.to(dtype) + neighbours.sum(dim=1)) / (idx.shape[1] + 1)
     return SmoothFunction.apply(q.to(dtype), neighbours, vals.detach().to(dtype), attn_temperature)
 
 
@@ -117,8 +120,8 @@ class TorchBackend(Backend):
     def knn_topk(self, q, storage, k, self_slots, ptr=0):
         return knn_topk(q, storage, k, self_slots)
 
-    def smooth(self, q, storage, idx, vals, attn_temperature):
-        return smooth(q, storage, idx, vals, attn_temperature)
+    def smooth(self, q, storage, idx, vals, attn_temperature, aggregation="attention"):
+        return smooth(q, storage, idx, vals, attn_temperature, aggregation)
 
     def info_nce(self, a, b, temperature):
         return info_nce(a, b, temperature)

@@ -29,8 +29,9 @@ class ReferenceBackend(Backend):
         vals = torch.gather(sim, 1, ranks)
         return vals.to(torch.promote_types(vals.dtype, torch.float32)), (ranks + ptr).remainder(size)
 
-    def smooth(self, q, storage, idx, vals, attn_temperature):
-        return reference.aggregate(q, storage, idx, attn_temperature)
+    def smooth(self, q, storage, idx, vals, attn_temperature, aggregation="attention"):
+        return reference.aggregate(q, storage, idx, attn_temperature, "attn" if aggregation == "attention" else
+                                   aggregation)
 
     def info_nce(self, a, b, temperature):
         return reference.cos_sim_ce(a, b, temperature)

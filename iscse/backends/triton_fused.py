@@ -16,7 +16,9 @@ fp32/bf16/fp16 (float64 raises ``TypeError``: use ``backend="torch"``); ``1 <= k
 their strides; nothing is copied except a non-contiguous ``idx`` or ``grad z*`` (and, in the interpreter only, a
 query of another dtype than the buffer). Losses are fp32 scalars, ``z*`` fp32, gradients in
 the inputs' dtypes. The forward keeps the gathered neighbour rows (``B x k x D``, buffer dtype) for backward, as
-the torch backend does, so the buffer may be pushed to again before the backward.
+the torch backend does, so the buffer may be pushed to again before the backward. ``aggregation="mean"`` (the
+paper's ablation) is a ``MEAN`` constexpr of the smooth kernels (uniform weights ``1 / (k + 1)``); ``grouping="pddp"``
+has no Triton version (:func:`iscse.iscse_loss` routes it to :mod:`iscse.pddp`).
 """
 from __future__ import annotations
 
@@ -81,31 +83,34 @@ def knn_topk(q: torch.Tensor, storage: torch.Tensor, k: int, self_slots: Optiona
 
 class SmoothFunction(torch.autograd.Function):
     """``z* = softmax([|q|^2, vals] / t) @ [q; storage[idx]]``: the Triton version of
-    ``iscse.torch_ops.SmoothFunction`` (same forward and backward math). Inputs ``q`` ``(B, D)``, ``storage``
-    ``(M, D)``, ``idx`` int ``(B, k)``, ``vals`` ``(B, k)``; output fp32 ``(B, D)``; differentiable in ``q``."""
+    ``iscse.backends.pytorch.SmoothFunction`` (same forward and backward math). Inputs ``q`` ``(B, D)``, ``storage``
+    ``(M, D)``, ``idx`` int ``(B, k)``, ``vals`` ``(B, k)``; output fp32 ``(B, D)``; differentiable in ``q``.
+    ``mean=True``: uniform weights (mean aggregation)."""
 
     @staticmethod
-    def forward(ctx, q, storage, idx, vals, attn_temperature: float):
+    def forward(ctx, q, storage, idx, vals, attn_temperature: float, mean: bool = False):
         z_star, w, _, _, nb = _smooth.smooth_forward(q.detach(), storage, idx.shape[1], attn_temperature, idx=idx,
-                                                     vals=vals.detach())
+                                                     vals=vals.detach(), mean=mean)
         ctx.save_for_backward(q, nb, w)
         ctx.attn_temperature = attn_temperature
+        ctx.mean = mean
         return z_star
 
     @staticmethod
     def backward(ctx, grad_z):
         q, nb, w = ctx.saved_tensors
-        grad_q = _smooth.smooth_backward(grad_z, q.detach(), nb, w, ctx.attn_temperature)
-        return grad_q, None, None, None, None
+        grad_q = _smooth.smooth_backward(grad_z, q.detach(), nb, w, ctx.attn_temperature, ctx.mean)
+        return grad_q, None, None, None, None, None
 
 
 def smooth(q: torch.Tensor, storage: torch.Tensor, idx: torch.Tensor, vals: torch.Tensor,
-           attn_temperature: float = 2.0) -> torch.Tensor:
+           attn_temperature: float = 2.0, aggregation: str = "attention") -> torch.Tensor:
     """Smoothed positives ``z*`` fp32 ``(B, D)`` from neighbour slots ``idx`` and their logits' dot products
-    ``vals`` (``(B, k)``); differentiable in ``q`` (gradient in ``q``'s dtype)."""
+    ``vals`` (``(B, k)``); differentiable in ``q`` (gradient in ``q``'s dtype). ``aggregation="mean"``: the mean
+    of ``[q; storage[idx]]``."""
     _check(q=q, storage=storage)
     _check_k(idx.shape[1])
-    return SmoothFunction.apply(q, storage, idx, vals, attn_temperature)
+    return SmoothFunction.apply(q, storage, idx, vals, attn_temperature, aggregation == "mean")
 
 
 class InfoNCEFunction(torch.autograd.Function):
@@ -134,28 +139,30 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float = 0.05) -> tor
 class ISCSELossesFunction(torch.autograd.Function):
     """``(L_cl, L_s)`` of one IS-CSE step, fused (see the module docstring).
 
-    ``forward(z1, z2, q2, storage, self_slots, idx, k, temperature, attn_temperature, smooth)``: ``z1``, ``z2``
+    ``forward(z1, z2, q2, storage, self_slots, idx, k, temperature, attn_temperature, smooth, mean)``: ``z1``, ``z2``
     ``(B, D)``; ``q2 = normalize(z2)`` (a value only: its gradient is folded into ``z2``'s inside the kernel);
     ``storage`` ``(M, D)``; ``self_slots`` int64 ``(B,)``; ``idx``: neighbour slots from another backend, or None to
-    run the Triton kNN. Returns two 0-dim fp32 tensors (``L_s`` is 0 when ``smooth`` is False); backward gets a
-    gradient for each and scales each component by its own.
+    run the Triton kNN; ``mean``: mean aggregation instead of attention. Returns two 0-dim fp32 tensors (``L_s``
+    is 0 when ``smooth`` is False); backward gets a gradient for each and scales each component by its own.
     """
 
     @staticmethod
     def forward(ctx, z1, z2, q2, storage, self_slots, idx, k: int, temperature: float, attn_temperature: float,
-                smooth: bool):
+                smooth: bool, mean: bool = False):
         ctx.set_materialize_grads(False)
         z1, z2, q2 = z1.detach(), z2.detach(), q2.detach()
         z_star = None
         if smooth:
             if idx is None:
                 cands = _knn.knn_topk_candidates(q2, storage, k, self_slots)
-                z_star, w, _, _, nb = _smooth.smooth_forward(q2, storage, k, attn_temperature, candidates=cands)
+                z_star, w, _, _, nb = _smooth.smooth_forward(q2, storage, k, attn_temperature, candidates=cands,
+                                                             mean=mean)
             else:
-                z_star, w, _, _, nb = _smooth.smooth_forward(q2, storage, k, attn_temperature, idx=idx)
+                z_star, w, _, _, nb = _smooth.smooth_forward(q2, storage, k, attn_temperature, idx=idx, mean=mean)
         loss_cl, loss_s, gx1, gy, gx2, gz = _nce.info_nce_forward(z1, z2, z_star, temperature)
         ctx.smooth = smooth
         ctx.attn_temperature = attn_temperature
+        ctx.mean = mean
         if smooth:
             ctx.save_for_backward(z1, z2, q2, nb, w, gx1, gy, gx2, gz)
         else:
@@ -164,7 +171,7 @@ class ISCSELossesFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_cl, g_s):
-        none = (None,) * 8
+        none = (None,) * 9
         if g_cl is None and g_s is None:
             return (None, None) + none
         saved = ctx.saved_tensors
@@ -178,7 +185,7 @@ class ISCSELossesFunction(torch.autograd.Function):
         g_cl = g_cl.float() if g_cl is not None else None
         g_s = g_s.float() if g_s is not None else None
         grad_z1, grad_z2 = _smooth.smooth_backward_fused(g_cl, g_s, z1, z2, (gx1, gy, gx2, gz), state,
-                                                         ctx.attn_temperature)
+                                                         ctx.attn_temperature, ctx.mean)
         return (grad_z1 if ctx.needs_input_grad[0] else None, grad_z2 if ctx.needs_input_grad[1] else None) + none
 
 
@@ -191,16 +198,16 @@ class TritonBackend(Backend):
         """See :func:`knn_topk` (``ptr`` is unused: slots are storage indices)."""
         return knn_topk(q, storage, k, self_slots)
 
-    def smooth(self, q, storage, idx, vals, attn_temperature):
+    def smooth(self, q, storage, idx, vals, attn_temperature, aggregation="attention"):
         """See :func:`smooth`."""
-        return smooth(q, storage, idx, vals, attn_temperature)
+        return smooth(q, storage, idx, vals, attn_temperature, aggregation)
 
     def info_nce(self, a, b, temperature):
         """See :func:`info_nce`."""
         return info_nce(a, b, temperature)
 
     def losses(self, z1, z2, q2, storage, self_slots, ptr, *, k, temperature, attn_temperature, smooth,
-               knn: Optional[Backend] = None):
+               knn: Optional[Backend] = None, aggregation: str = "attention"):
         """``(L_cl, L_s)`` fused (:class:`ISCSELossesFunction`); ``L_s`` is 0 when ``smooth`` is False.
 
         ``smooth`` is a Python bool that selects the kernels (:func:`iscse.iscse_loss` passes True and masks
@@ -210,7 +217,7 @@ class TritonBackend(Backend):
         ``q2`` must be ``F.normalize(z2, dim=-1)`` (as :func:`iscse.iscse_loss` passes it): its value feeds the kNN
         and the aggregation, and the gradient through it is added to ``z2``'s inside the backward kernel (``q2``'s
         own graph is not used). ``knn``: another backend to find the neighbours (e.g. FAISS); the Triton kNN runs
-        when it is None or a Triton backend.
+        when it is None or a Triton backend. ``aggregation="mean"``: the kernels' ``MEAN`` specialisation.
         """
         _check(z1=z1, z2=z2, storage=storage)
         _check_k(k)
@@ -221,4 +228,4 @@ class TritonBackend(Backend):
             if knn is not None and not isinstance(knn, TritonBackend):
                 _, idx = knn.knn_topk(q2.detach(), storage, k, self_slots, ptr)
         return ISCSELossesFunction.apply(z1, z2, q2, storage, self_slots, idx, k, temperature, attn_temperature,
-                                         bool(smooth))
+                                         bool(smooth), aggregation == "mean")

@@ -148,6 +148,8 @@ class ISCSELoss(nn.Module):
         dim: embedding width; default ``model.get_sentence_embedding_dimension()``.
         backend, knn_backend, buffer_dtype: passed to :class:`iscse.ISCSELoss` (``"auto"``: fused Triton kernels
             for CUDA tensors, the torch path on CPU).
+        grouping, aggregation: the paper's ablations, passed to :class:`iscse.ISCSELoss`: ``grouping="knn"``
+            (default) or ``"pddp"``, ``aggregation="attention"`` (default) or ``"mean"``.
         return_components: ``forward`` returns ``{"L_cl": ..., "alpha_L_s": ...}`` (the trainer sums the parts and
             logs each beside ``loss``) when True, the scalar loss when False; None (default): a dict when the
             installed ``SentenceTransformerTrainer`` takes one (sentence-transformers with ``track_loss_components``).
@@ -177,7 +179,8 @@ class ISCSELoss(nn.Module):
                  attn_temperature: float = 2.0, alpha: Union[float, Callable[[int], float]] = 0.1,
                  gather_across_devices: bool = False, *, dim: Optional[int] = None, backend: str = "auto",
                  knn_backend: Optional[str] = None, buffer_dtype: torch.dtype = torch.float32,
-                 return_components: Optional[bool] = None) -> None:
+                 return_components: Optional[bool] = None, grouping: str = "knn",
+                 aggregation: str = "attention") -> None:
         super().__init__()
         if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale) or scale <= 0:
             raise ValueError(f"scale must be a positive finite number (1 / temperature, e.g. 20.0), got {scale!r}")
@@ -192,11 +195,13 @@ class ISCSELoss(nn.Module):
         self.return_components = return_components
         self.criterion = _ISCSECriterion(dim, buffer_size=buffer_size, k=k, temperature=1.0 / self.scale,
                                          attn_temperature=attn_temperature, alpha=alpha, backend=backend,
-                                         knn_backend=knn_backend, buffer_dtype=buffer_dtype)
+                                         knn_backend=knn_backend, buffer_dtype=buffer_dtype, grouping=grouping,
+                                         aggregation=aggregation)
         # The hyperparameters as given (validated by the criterion above), for get_config_dict.
         self._config = {"buffer_size": buffer_size, "k": k, "scale": self.scale, "attn_temperature": attn_temperature,
                         "alpha": alpha if isinstance(alpha, numbers.Real) else repr(alpha),
-                        "gather_across_devices": gather_across_devices, "backend": str(backend)}
+                        "gather_across_devices": gather_across_devices, "backend": str(backend),
+                        "grouping": grouping, "aggregation": aggregation}
         self.model = model  # set last: a bad argument above leaves no half-built loss holding the model
         self._views_checked = False
 
