@@ -217,6 +217,22 @@ def test_ops_reference_and_torch_give_the_same_losses(tiny, tmp_path):
     assert_losses_close(tor, ref, rtol=1e-5)
 
 
+def test_ablation_flags_reach_the_loss_and_match_the_reference_ops(tiny, tmp_path):
+    """--grouping pddp --aggregation mean: the torch and reference ops give the same losses, smoothing starts when
+    the buffer fills, and train_config.json records both settings."""
+    runs = {}
+    for ops in ("reference", "torch"):
+        out = tmp_path / ops
+        assert T.main(tiny_args(tiny, out, ops=ops, max_steps=6, logging_steps=6, grouping="pddp",
+                                aggregation="mean")) == 0
+        runs[ops] = read_metrics(out)
+        config = json.loads((out / "train_config.json").read_text(encoding="utf-8"))
+        assert (config["grouping"], config["aggregation"]) == ("pddp", "mean")
+    ref, tor = runs["reference"], runs["torch"]
+    assert all(r["L_s"] == 0 for r in ref[:3]) and all(r["L_s"] > 0 for r in ref[3:])
+    assert_losses_close(tor, ref, rtol=1e-5)
+
+
 @pytest.mark.slow
 def test_ops_triton_in_the_interpreter_matches_torch(tiny, tmp_path):
     pytest.importorskip("triton")

@@ -183,6 +183,11 @@ class ISCSETrainingArguments(TrainingArguments):
     attn_temp: float = field(default=2.0, metadata=_help("divisor of the smoothing attention logits"))
     buffer_size: int = field(default=1024, metadata=_help("memory buffer rows M"))
     k: int = field(default=16, metadata=_help("neighbours per sentence"))
+    grouping: Literal["knn", "pddp"] = field(default="knn", metadata=_help(
+        "smoothing groups: knn = each sentence's k nearest buffer rows (the paper); pddp = the released code's "
+        "ablation, M // k groups by principal-direction divisive partitioning (torch ops, a host sync per step)"))
+    aggregation: Literal["attention", "mean"] = field(default="attention", metadata=_help(
+        "how a group makes the smoothed positive: attention (the paper) or mean (the released code's ablation)"))
     ops: Literal["auto", "reference", "torch", "triton"] = field(default="auto", metadata=_help(
         "ISCSELoss backend (auto: triton on CUDA when usable, else torch)"))
     ddp_gradient: Literal["mean", "sum"] = field(default="mean", metadata=_help(
@@ -420,6 +425,9 @@ def validate_args(args: ISCSETrainingArguments) -> None:
     need(args.objective in ("iscse", "simcse"), f"--objective must be iscse or simcse, got {args.objective!r}")
     need(args.ops in ("auto", "reference", "torch", "triton"), f"--ops must be auto, reference, torch or triton, "
                                                                f"got {args.ops!r}")
+    need(args.grouping in ("knn", "pddp"), f"--grouping must be knn or pddp, got {args.grouping!r}")
+    need(args.aggregation in ("attention", "mean"), f"--aggregation must be attention or mean, got "
+                                                    f"{args.aggregation!r}")
     need(args.ddp_gradient in ("mean", "sum"), f"--ddp_gradient must be mean or sum, got {args.ddp_gradient!r}")
     need(args.k <= args.buffer_size - 1, f"--k {args.k} must be at most --buffer_size - 1 = {args.buffer_size - 1}")
     need(args.objective == "iscse" or not args.alpha_mode_dynamic, "--alpha_mode_dynamic applies to --objective "

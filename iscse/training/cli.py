@@ -233,7 +233,8 @@ def train(args) -> Dict[str, Any]:
         else:
             alpha = args.alpha
         criterion = ISCSELoss(encoder.hidden_size, buffer_size=args.buffer_size, k=args.k, temperature=args.temp,
-                              attn_temperature=args.attn_temp, alpha=alpha, backend=args.ops, check_finite=False)
+                              attn_temperature=args.attn_temp, alpha=alpha, backend=args.ops, check_finite=False,
+                              grouping=args.grouping, aggregation=args.aggregation)
     model = ISCSEModel(encoder, criterion)
 
     # ------------------------------------------------------------------ from here on, files are written
