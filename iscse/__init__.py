@@ -15,7 +15,7 @@ __version__ = "0.1.0"
 
 # Loaded on first use: the evaluation stack (scipy, the encoder) is not needed for the ops, and importing
 # iscse.evaluate here would make `python -m iscse.evaluate` warn that the module was imported twice.
-_LAZY = {"SentenceEncoder": "models", "evaluate_sts": "evaluate"}
+_LAZY = {"SentenceEncoder": "evaluation.encoder", "evaluate_sts": "evaluation.evaluate"}
 
 
 def __getattr__(name):

@@ -101,8 +101,8 @@ def _alpha_from_state(state) -> Union[float, AlphaSchedule]:
 class ISCSELoss(nn.Module):
     """IS-CSE loss with its own memory buffer: ``loss = criterion(z1, z2)``.
 
-    Computes ``L = L_cl + alpha * L_s`` (He et al., "Instance Smoothing Improves Unsupervised Sentence Embeddings",
-    AAAI 2023): ``L_cl`` is the SimCSE InfoNCE of ``z1`` against ``z2`` at temperature ``temperature`` (0.05, i.e. a
+    Computes ``L = L_cl + alpha * L_s`` (He et al., "Instance Smoothed Contrastive Learning for Unsupervised
+    Sentence Embedding", AAAI 2023): ``L_cl`` is the SimCSE InfoNCE of ``z1`` against ``z2`` at temperature ``temperature`` (0.05, i.e. a
     logit scale of 20); ``L_s`` is the same loss against smoothed positives, each ``normalize(z2_i)`` averaged with
     its ``k`` nearest buffer rows by attention (divisor ``attn_temperature``). A training call pushes
     ``normalize(z2)`` into the buffer (a FIFO of ``buffer_size`` rows) and advances the step; ``L_s`` starts once

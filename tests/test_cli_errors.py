@@ -13,7 +13,7 @@ import pytest
 
 from test_train import make_tiny_setup, one_thread, tiny_args  # noqa: F401 (one_thread: an autouse fixture)
 
-from iscse import evaluate as E
+from iscse.evaluation import evaluate as E
 from iscse import train as T
 
 REPO = Path(__file__).resolve().parents[1]
@@ -122,18 +122,18 @@ def test_unreadable_data_dir(tiny, tmp_path, capsys, monkeypatch):
     locked = data / "STS" / "STSBenchmark"
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         # root reads any folder whatever its permissions: make the read fail as it would for a user
-        import iscse.evaluate
-        import iscse.senteval
+        import iscse.evaluation.evaluate
+        import iscse.evaluation.senteval
 
-        real = iscse.senteval.load_sts_task
+        real = iscse.evaluation.senteval.load_sts_task
 
         def denied(root, task, split):
             if task == "STSBenchmark":
                 raise PermissionError(13, "Permission denied", str(locked / f"sts-{split}.csv"))
             return real(root, task, split)
 
-        monkeypatch.setattr(iscse.senteval, "load_sts_task", denied)
-        monkeypatch.setattr(iscse.evaluate, "load_sts_task", denied)
+        monkeypatch.setattr(iscse.evaluation.senteval, "load_sts_task", denied)
+        monkeypatch.setattr(iscse.evaluation.evaluate, "load_sts_task", denied)
     else:
         locked.chmod(0)
     try:
@@ -206,7 +206,7 @@ def test_the_commands_print_one_line_and_nothing_else(tiny, tmp_path):
 
 
 def test_inspect_text_file_counts_lines_and_sentences(tmp_path):
-    from iscse.data import inspect_text_file
+    from iscse.training.data import inspect_text_file
 
     path = tmp_path / "c.txt"
     path.write_text("one\n\ntwo\n  \nthree")

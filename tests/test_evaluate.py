@@ -13,8 +13,8 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from iscse.evaluate import evaluate_sts, main
-from iscse.senteval import STS_SUBSETS, STS_TASKS, load_sts_task, resolve_data_dir
+from iscse.evaluation.evaluate import evaluate_sts, main
+from iscse.evaluation.senteval import STS_SUBSETS, STS_TASKS, load_sts_task, resolve_data_dir
 
 
 def _data_dir() -> Path:
@@ -158,7 +158,7 @@ def minilm_path():
 
 @needs_data
 def test_real_model_stsb_test_with_avg_pooler(minilm_path):
-    from iscse.models import SentenceEncoder
+    from iscse.evaluation.encoder import SentenceEncoder
 
     encoder = SentenceEncoder.from_pretrained(minilm_path, pooler="avg")
     encoder.train()  # as the trainer would call it mid-training
@@ -172,7 +172,7 @@ def test_command_line_dev_mode_writes_json(minilm_path, tmp_path, capsys):
     """The CLI end to end on a tiny random BERT saved by save_pretrained (fast; the numbers are meaningless)."""
     import transformers
 
-    from iscse.models import SentenceEncoder
+    from iscse.evaluation.encoder import SentenceEncoder
 
     torch.manual_seed(0)
     config = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -211,7 +211,7 @@ def test_real_model_full_sts_suite_avg_and_cls(minilm_path):
     checkpoint's dense+tanh pooling layer (never trained by sentence-transformers for this model) and gives 73.33
     (observed, recorded here as a regression value). One pass over all sentences yields every pooler (the backbone
     runs once); test_real_model_stsb_test_with_avg_pooler covers the SentenceEncoder.encode path."""
-    from iscse.models import SentenceEncoder, pool
+    from iscse.evaluation.encoder import SentenceEncoder, pool
 
     encoder = SentenceEncoder.from_pretrained(minilm_path, pooler="cls").eval()
     cached = {"cls": {}, "cls_before_pooler": {}}

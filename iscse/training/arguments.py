@@ -29,16 +29,13 @@ from typing import Any, Dict, Literal, Optional, Sequence, Tuple
 
 from transformers import HfArgumentParser, TrainingArguments
 
+from .errors import ConfigError
+
 __all__ = ["ConfigError", "ISCSETrainingArguments", "PRESETS", "RESUMABLE_CHANGES", "DEMO_DATA_DIR",
            "build_parser", "parse_args", "validate_args", "settings_of"]
 
 
-class ConfigError(ValueError):
-    """A bad flag, file or combination; the message is one sentence naming the flag or file and what to do.
-    Raised before anything is written."""
-
-
-POOLERS = ("cls", "cls_before_pooler", "avg", "avg_top2", "avg_first_last")  # iscse.models.POOLERS
+POOLERS = ("cls", "cls_before_pooler", "avg", "avg_top2", "avg_first_last")  # iscse.evaluation.encoder.POOLERS
 DEMO_DATA_DIR = Path(__file__).resolve().parent.parent / "demo_data"
 
 
@@ -444,7 +441,7 @@ def validate_args(args: ISCSETrainingArguments) -> None:
              f"{'es' if args.world_size > 1 else ''} = {global_batch}) is larger than --buffer_size "
              f"{args.buffer_size}; raise --buffer_size or lower --per_device_train_batch_size")
     if args.train_file is not None:
-        from ..data import inspect_text_file
+        from .data import inspect_text_file
 
         try:
             stats = inspect_text_file(args.train_file)

@@ -26,7 +26,7 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
-from ..distributed import any_flag
+from .distributed import any_flag
 
 __all__ = ["MetricsLog", "StopOnSignal", "QuietProgress", "RankSeed"]
 

@@ -100,7 +100,7 @@ def find_checkpoint(path: str | os.PathLike, flag: str = "--resume_from") -> Pat
     """The checkpoint ``path`` names, checked: ``path`` itself when it is a checkpoint folder (an error if it is
     not intact), else the newest intact ``checkpoint-N`` in it (a warning for each newer one skipped). Raises
     ``ConfigError`` (one sentence naming ``flag``, the folder and the bad file)."""
-    from .arguments import ConfigError
+    from .errors import ConfigError
 
     p = Path(path).expanduser()
     if not p.exists():
@@ -181,7 +181,7 @@ def fsync_tree(folder: Path) -> None:
 def publish(staged: Path, final: Path) -> None:
     """Make the complete folder ``staged`` appear at ``final`` in one rename (an existing ``final``, e.g. the same
     step saved again after a resume, is swapped out atomically where Linux allows it, then deleted)."""
-    from ..models import _replace_dir, apply_umask
+    from ..evaluation.encoder import _replace_dir, apply_umask
 
     apply_umask(staged)  # torch.save and friends write some files 0600
     fsync_tree(staged)

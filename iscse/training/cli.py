@@ -41,8 +41,8 @@ def _first_line(exc: BaseException) -> str:
 def _resolve_data(args) -> Dict[str, Optional[str]]:
     """The training file and the evaluation data folder: given, from ``$ISCSE_DATA_DIR``, or downloaded (by the
     main process first). Raises ConfigError naming the flag."""
-    from ..download import DownloadError, ensure_senteval, ensure_wiki1m
-    from .arguments import ConfigError
+    from .download import DownloadError, ensure_senteval, ensure_wiki1m
+    from .errors import ConfigError
 
     need_eval_data = args.eval_strategy.value != "no" or args.eval_on_start or not args.skip_test_eval
     with args.main_process_first(desc="data download", local=False):
@@ -59,7 +59,7 @@ def _resolve_data(args) -> Dict[str, Optional[str]]:
                 except DownloadError as exc:
                     raise ConfigError(f"{exc}; or train without evaluation: --eval_steps 0 --skip_test_eval") from None
     if args.train_file is None:
-        from ..data import inspect_text_file
+        from .data import inspect_text_file
 
         try:
             inspect_text_file(train_file)
@@ -71,8 +71,8 @@ def _resolve_data(args) -> Dict[str, Optional[str]]:
 def _check_eval_data(data_dir: str, args) -> None:
     """Read every STS file the run will use (dev, and test unless ``--skip_test_eval``) now, so that a missing or
     unreadable file is reported before training rather than after it."""
-    from ..senteval import STS_TASKS, load_sts_task, resolve_data_dir
-    from .arguments import ConfigError
+    from ..evaluation.senteval import STS_TASKS, load_sts_task, resolve_data_dir
+    from .errors import ConfigError
 
     flag = "--data_dir" if args.data_dir else "$ISCSE_DATA_DIR" if os.environ.get("ISCSE_DATA_DIR") else "data"
     try:
@@ -93,8 +93,8 @@ def _check_eval_data(data_dir: str, args) -> None:
 
 
 def _load_encoder(args, source: str, resume: bool):
-    from ..models import SentenceEncoder, check_encoder
-    from .arguments import ConfigError
+    from ..evaluation.encoder import SentenceEncoder, check_encoder
+    from .errors import ConfigError
 
     flag = "--resume_from" if resume else "--model_name_or_path"
     try:
@@ -119,7 +119,7 @@ def _load_encoder(args, source: str, resume: bool):
 
 
 def _check_resume(args, num_examples: int) -> None:
-    from .arguments import ConfigError
+    from .errors import ConfigError
     from .checkpoints import MANIFEST
 
     state = json.loads((Path(args.resume_from_checkpoint) / MANIFEST).read_text(encoding="utf-8"))
@@ -190,10 +190,10 @@ def train(args) -> Dict[str, Any]:
     Raises :class:`~iscse.training.arguments.ConfigError` for bad input, before anything is written."""
     from accelerate import PartialState
 
-    from ..data import load_train_dataset
-    from ..download import default_cache_dir
+    from .data import load_train_dataset
+    from .download import default_cache_dir
     from ..loss import ISCSELoss, alpha_schedule
-    from .arguments import ConfigError
+    from .errors import ConfigError
     from .model import ISCSEModel, StepAlpha
     from .trainer import ISCSETrainer
 
@@ -294,8 +294,8 @@ def _test(args, data_dir: str, trainer) -> Dict[str, float]:
     ``train.log`` only, write ``sts_test.json``."""
     import torch
 
-    from ..evaluate import evaluate_sts, format_table
-    from ..models import SentenceEncoder
+    from ..evaluation.evaluate import evaluate_sts, format_table
+    from ..evaluation.encoder import SentenceEncoder
 
     best = Path(args.output_dir) / "model"
     model = SentenceEncoder.from_pretrained(str(best)).to(args.device)
@@ -318,7 +318,7 @@ def _test(args, data_dir: str, trainer) -> Dict[str, float]:
 
 
 def _check_ops(args) -> None:
-    from .arguments import ConfigError
+    from .errors import ConfigError
 
     if args.ops != "triton":
         return
@@ -347,7 +347,7 @@ def _leave_process_group() -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m iscse.train``: returns the exit status (0 done, 2 bad input, 130 stopped by a signal after
     saving a checkpoint)."""
-    from .arguments import ConfigError
+    from .errors import ConfigError
 
     pkg = logging.getLogger("iscse")
     old_level = pkg.level
@@ -359,7 +359,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # train.log has everything; the console skips the file-only records and the evaluator's per-task lines (the
     # trainer logs each evaluation's result itself)
     console.addFilter(lambda record: not record.name.startswith("iscse.train.file") and not (
-        record.name.startswith("iscse.evaluate") and record.levelno < logging.WARNING))
+        record.name.startswith("iscse.evaluation") and record.levelno < logging.WARNING))
     pkg.addHandler(console)
     from transformers.utils import logging as hf_logging
 

@@ -1,4 +1,4 @@
-"""The model the trainer trains: a :class:`~iscse.models.SentenceEncoder` (backbone and SimCSE pooler) together with
+"""The model the trainer trains: a :class:`~iscse.evaluation.encoder.SentenceEncoder` (backbone and SimCSE pooler) together with
 the :class:`~iscse.ISCSELoss` that owns the IS-CSE memory buffer.
 
 Keeping the loss inside the model means it moves with ``.to(device)`` and is wrapped with the encoder by DDP (it has
@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..loss import ISCSELoss
-from ..models import SentenceEncoder
+from ..evaluation.encoder import SentenceEncoder
 
 __all__ = ["ISCSEModel", "StepAlpha"]
 
@@ -39,7 +39,7 @@ class ISCSEModel(nn.Module):
     """A sentence encoder and its training criterion.
 
     Args:
-        encoder: the :class:`~iscse.models.SentenceEncoder` being trained.
+        encoder: the :class:`~iscse.evaluation.encoder.SentenceEncoder` being trained.
         criterion: an :class:`~iscse.ISCSELoss` (``--objective iscse``), or None for plain SimCSE InfoNCE.
 
     ``forward(input_ids, attention_mask, token_type_ids=None)`` returns the encoder's ``(N, H)`` embeddings, with

@@ -38,9 +38,9 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import rotate_checkpoints
 
 from .. import __version__
-from ..data import EpochBatchSampler, collate_two_views
-from ..distributed import gather_with_grad, is_distributed
-from ..models import SentenceEncoder
+from .data import EpochBatchSampler, collate_two_views
+from .distributed import gather_with_grad, is_distributed
+from ..evaluation.encoder import SentenceEncoder
 from .arguments import ISCSETrainingArguments, settings_of
 from .callbacks import MetricsLog, QuietProgress, RankSeed, StopOnSignal
 from .checkpoints import publish, write_manifest
@@ -54,7 +54,7 @@ LOSS_STATE = "iscse_loss.pt"
 
 
 class EpochDataLoader(torch.utils.data.DataLoader):
-    """A ``DataLoader`` over an :class:`~iscse.data.EpochBatchSampler` whose ``set_epoch`` reaches the sampler
+    """A ``DataLoader`` over an :class:`~iscse.training.data.EpochBatchSampler` whose ``set_epoch`` reaches the sampler
     (``transformers.Trainer`` calls it at every epoch)."""
 
     def set_epoch(self, epoch: int) -> None:
@@ -68,7 +68,7 @@ class ISCSETrainer(Trainer):
     Args:
         model: an :class:`~iscse.training.model.ISCSEModel`.
         args: :class:`~iscse.training.arguments.ISCSETrainingArguments`.
-        train_dataset: the tokenized corpus (``iscse.data.load_train_dataset``).
+        train_dataset: the tokenized corpus (``iscse.training.data.load_train_dataset``).
         data_dir: SentEval's ``data/downstream`` folder for the dev evaluation (None: no evaluation).
         alpha: the loss's alpha: a number, or the ``StepAlpha`` given to the loss (ignored for ``--objective
             simcse``).
@@ -113,7 +113,7 @@ class ISCSETrainer(Trainer):
 
     @property
     def encoder(self) -> SentenceEncoder:
-        """The :class:`~iscse.models.SentenceEncoder` being trained."""
+        """The :class:`~iscse.evaluation.encoder.SentenceEncoder` being trained."""
         return self.model.encoder
 
     # ------------------------------------------------------------------ data
@@ -179,7 +179,7 @@ class ISCSETrainer(Trainer):
         (Spearman x100) on every process."""
         from accelerate.utils import broadcast_object_list
 
-        from ..evaluate import evaluate_sts
+        from ..evaluation.evaluate import evaluate_sts
 
         if self.data_dir is None:
             return {}

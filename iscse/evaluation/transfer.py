@@ -15,7 +15,7 @@ This is SentEval's scikit-learn path (``usepytorch=False``; ``senteval/tools/val
   the classifier fitted on train with that ``C`` is scored once on test.
 
 Folds are ``StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)`` with SentEval's seed 1111, built on the
-examples in SentEval's order (``iscse.senteval.load_transfer_task`` keeps it), so they are SentEval's folds. As in
+examples in SentEval's order (``iscse.evaluation.senteval.load_transfer_task`` keeps it), so they are SentEval's folds. As in
 SentEval each candidate's validation accuracy is rounded to two decimals (x100) before the arg-max, and ties go to
 the smaller ``C`` (the first in the grid). Features are used as they are (no scaling), as in SentEval.
 
