@@ -86,9 +86,9 @@ def _iscse_loss_bwd_kernel(
             g = tl.load(GZ + row * stride_gzb + d, mask=d_mask, other=0.0).to(tl.float32) * g_s
             q = tl.load(Q2 + row * stride_qb + d * stride_qd, mask=d_mask, other=0.0).to(tl.float32)
             nb = tl.load(NB + nb_off + d[None, :], mask=k_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
-            z = tl.load(Z2 + row * stride_z2b + d * stride_z2d, mask=d_mask, other=0.0).to(tl.float32)
             gw += tl.sum(nb * g[None, :], axis=1)
             gq_acc += g * q
+            z = tl.load(Z2 + row * stride_z2b + d * stride_z2d, mask=d_mask, other=0.0).to(tl.float32)
             zz_acc += z * z
             zg_acc += z * g
             zq_acc += z * q
@@ -106,8 +106,9 @@ def _iscse_loss_bwd_kernel(
             g = tl.load(GZ + row * stride_gzb + d, mask=d_mask, other=0.0).to(tl.float32) * g_s
             q = tl.load(Q2 + row * stride_qb + d * stride_qd, mask=d_mask, other=0.0).to(tl.float32)
             nb = tl.load(NB + nb_off + d[None, :], mask=k_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+            gq = smooth_grad_q(g, q, nb, w0, gl0, gl)
             z = tl.load(Z2 + row * stride_z2b + d * stride_z2d, mask=d_mask, other=0.0).to(tl.float32)
-            out = smooth_grad_q(g, q, nb, w0, gl0, gl) * inv_r - z * proj
+            out = gq * inv_r - z * proj
             if G_CL is not None:
                 out += g_cl * tl.load(GY + row * stride_gb + d, mask=d_mask, other=0.0)
             gx = g_s * tl.load(GX2 + row * stride_gb + d, mask=d_mask, other=0.0)
