@@ -102,6 +102,9 @@ def _signature(fn, args, kwargs):
         elif isinstance(value, torch.Tensor):
             signature[name] = "*" + tname[value.dtype]
             attrs[(i,)] = [["tt.divisibility", 16]]  # allocator pointers are 16-byte aligned
+        elif value is None:  # an absent optional pointer: Triton specialises None as a constexpr
+            signature[name] = "constexpr"
+            constexprs[name] = None
         elif isinstance(value, bool):
             signature[name] = "i1"
         elif isinstance(value, int):
@@ -124,18 +127,21 @@ def _launch_all_for_compile(shapes):
     import torch
 
     from iscse.kernels import info_nce as N
+    from iscse.kernels import iscse_loss as L
     from iscse.kernels import knn_topk as K
     from iscse.kernels import smooth as S
 
+    # One kernel file per op (kernels/): every @triton.jit kernel of every op module. The op modules import each
+    # other's launchers and the shared device helpers (_common.merge_topk, smooth.smooth_logit_grads, ...) by
+    # name; a launcher looks its kernel up in its own module at launch, so patching the module attribute suffices.
     kernels = {
         (K, "_knn_chunk_kernel"): None, (K, "_knn_merge_kernel"): None, (S, "_smooth_fwd_kernel"): None,
         (S, "_smooth_bwd_kernel"): None, (N, "_info_nce_rows_kernel"): None, (N, "_info_nce_cols_kernel"): None,
-        (N, "_info_nce_merge_kernel"): None,
+        (N, "_info_nce_merge_kernel"): None, (L, "_iscse_loss_bwd_kernel"): None,
     }
     for mod, name in kernels:
         kernels[(mod, name)] = _Capture(getattr(mod, name))
         setattr(mod, name, kernels[(mod, name)])
-    # smooth.py imported merge_topk etc. by name; the kernels themselves are looked up in their module at launch.
     meta = torch.device("meta")
     try:
         for (B, M, D, k, dt) in shapes:
@@ -153,12 +159,12 @@ def _launch_all_for_compile(shapes):
             f32 = dict(device=meta, dtype=torch.float32)
             g = torch.empty((), **f32)
             grads = tuple(torch.empty(B, D, **f32) for _ in range(4))
-            S.smooth_backward_fused(g, g, z, z, grads, (q, nb, w), 2.0)
-            S.smooth_backward_fused(g, None, z, z, (grads[0], grads[1], None, None), None, 2.0)
+            L.iscse_loss_backward(g, g, z, z, grads, (q, nb, w), 2.0)
+            L.iscse_loss_backward(g, None, z, z, (grads[0], grads[1], None, None), None, 2.0)
             S.smooth_backward(torch.empty(B, D, **f32), q, nb, w, 2.0)
             # aggregation="mean" (the paper's ablation): the MEAN specialisations
             S.smooth_forward(q, buf, k, 2.0, candidates=cands, mean=True)
-            S.smooth_backward_fused(g, g, z, z, grads, (q, nb, w), 2.0, mean=True)
+            L.iscse_loss_backward(g, g, z, z, grads, (q, nb, w), 2.0, mean=True)
             S.smooth_backward(torch.empty(B, D, **f32), q, nb, w, 2.0, mean=True)
             N.info_nce_forward(z, z, zs, 0.05)
             N.info_nce_forward(z, z, None, 0.05)

@@ -80,7 +80,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .knn_topk import _num_sms, fp32_dot_precision
+from ._common import fp32_dot_precision, num_sms
 
 __all__ = ["info_nce_forward", "info_nce_config"]
 
@@ -469,7 +469,7 @@ def info_nce_config(batch: int, dim: int, device: torch.device, *, has_z: bool =
         target = 2 * triton.cdiv(batch, full)
         cap = 2
     else:
-        sms = _num_sms(device)
+        sms = num_sms(device)
         target = 2 * sms
         cap = max(1, min(_MAX_SPLITS, 1 + _PARTIAL_BYTES // max(1, batch * dim * 4 * n_acc)))
         want = min(cap, triton.cdiv(target, triton.cdiv(batch, 16)))
@@ -491,7 +491,7 @@ def info_nce_config(batch: int, dim: int, device: torch.device, *, has_z: bool =
             cfg["MERGE_D"] = cfg["BLOCK_D"]
         else:  # enough merge programs to cover the SMs once, in feature blocks of 64 or 32
             blocks = triton.cdiv(batch, cfg["MERGE_M"])
-            cfg["MERGE_D"] = 64 if blocks * triton.cdiv(dim, 64) >= _num_sms(device) else 32
+            cfg["MERGE_D"] = 64 if blocks * triton.cdiv(dim, 64) >= num_sms(device) else 32
     return cfg
 
 

@@ -10,9 +10,9 @@ running top-``K_PAD`` per query in a ``(BLOCK_B, K_PAD)`` register tile. Per til
 current k-th best value are candidates, and only as many max-extraction rounds run as the busiest row needs (after
 the first few tiles that is usually 0-3, not k), so the top-k upkeep stays small next to the ``tl.dot``. Each
 program writes its chunk's ``K_PAD`` best ``(value, slot)`` pairs (unsorted) to ``(B, n_chunks, K_PAD)`` candidate
-arrays; a second small pass (:func:`merge_topk`, inside ``_knn_merge_kernel`` here and inside the aggregation
-kernel of :mod:`iscse.kernels.smooth` on the fused path) extracts the global top-k from the ``n_chunks * K_PAD``
-candidates of its row. The ``B x M`` similarity matrix is never written to memory.
+arrays; a second small pass (:func:`~iscse.kernels._common.merge_topk`, inside ``_knn_merge_kernel`` here and
+inside the aggregation kernel of :mod:`iscse.kernels.smooth` on the fused path) extracts the global top-k from the
+``n_chunks * K_PAD`` candidates of its row. The ``B x M`` similarity matrix is never written to memory.
 
 Why repeated max extraction and not ``tl.sort``/``tl.topk``: it needs only ``tl.max(..., return_indices=True)``,
 ``tl.min`` and ``tl.where``, which behave the same in Triton 3.0-3.9 and in the interpreter, and with the threshold
@@ -46,34 +46,13 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["knn_topk", "knn_topk_candidates", "knn_config", "k_pad", "merge_topk", "merge_block",
-           "fp32_dot_precision"]
+from ._common import fp32_dot_precision, k_pad, merge_block, merge_topk, num_sms, row_block_d
 
-
-def k_pad(k: int) -> int:
-    """Padded width of a top-k register tile: the next power of two >= ``k``, at least 2."""
-    return max(2, triton.next_power_of_2(k))
-
-
-def fp32_dot_precision() -> str:
-    """``input_precision`` used for fp32 x fp32 ``tl.dot`` in these kernels (see the module docstring)."""
-    return "tf32x3"
+__all__ = ["knn_topk", "knn_topk_candidates", "knn_config"]
 
 
 # At most this many chunks of M: bounds the candidates each merge program reads (B x chunks x K_PAD in all).
 _MAX_CHUNKS = 512
-
-
-def _num_sms(device: torch.device) -> int:
-    """Streaming multiprocessors of ``device`` (132 for a non-CUDA device, e.g. ``meta`` in compile checks)."""
-    if device.type != "cuda":
-        return 132
-    return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
-
-
-@functools.lru_cache(maxsize=None)
-def _cuda_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 @triton.jit
@@ -142,54 +121,6 @@ def _knn_chunk_kernel(
 
 
 @triton.jit
-def merge_topk(CAND_V, CAND_I, base, N_CAND, K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_C: tl.constexpr,
-               SINGLE: tl.constexpr):
-    """Device helper: the ``K`` largest of one row's ``N_CAND`` candidates, sorted descending.
-
-    ``CAND_V`` (fp32) / ``CAND_I`` (int) hold the row's candidates contiguously from offset ``base``. When they fit
-    in one ``BLOCK_C`` block (``SINGLE``, decided by the host: ``N_CAND <= BLOCK_C``), ``K`` max-extraction rounds
-    over that block sort them directly; otherwise the blocks are first folded into a running top-``K_PAD`` (the
-    chunk kernel's threshold + extraction scheme), which the ``K`` rounds then sort. Returns ``(vals, slots)``,
-    fp32 / int64 ``(K_PAD,)``; entries ``>= K`` are ``-inf`` / 0.
-    """
-    kk = tl.arange(0, K_PAD)
-    offs = tl.arange(0, BLOCK_C)
-    if SINGLE:
-        c_mask = offs < N_CAND
-        run_v = tl.load(CAND_V + base + offs, mask=c_mask, other=float("-inf"))
-        run_i = tl.load(CAND_I + base + offs, mask=c_mask, other=0).to(tl.int64)
-        pos = offs
-    else:
-        run_v = tl.full([K_PAD], float("-inf"), tl.float32)
-        run_i = tl.zeros([K_PAD], tl.int64)
-        pos = kk
-        for c0 in range(0, N_CAND, BLOCK_C):
-            c_mask = c0 + offs < N_CAND
-            cv = tl.load(CAND_V + base + c0 + offs, mask=c_mask, other=float("-inf"))
-            ci = tl.load(CAND_I + base + c0 + offs, mask=c_mask, other=0).to(tl.int64)
-            cv = tl.where(cv > tl.min(run_v, axis=0), cv, float("-inf"))
-            n_new = tl.sum((cv > float("-inf")).to(tl.int32), axis=0)
-            for it in range(K_PAD):
-                if it < n_new:
-                    best, arg = tl.max(cv, axis=0, return_indices=True)
-                    worst, slot = tl.min(run_v, axis=0, return_indices=True)
-                    take = kk == tl.where(best > worst, slot, -1)
-                    sel = offs == arg
-                    run_v = tl.where(take, best, run_v)
-                    run_i = tl.where(take, tl.sum(tl.where(sel, ci, 0), axis=0), run_i)
-                    cv = tl.where(sel, float("-inf"), cv)
-    out_v = tl.full([K_PAD], float("-inf"), tl.float32)
-    out_i = tl.zeros([K_PAD], tl.int64)
-    for j in range(K):
-        best, arg = tl.max(run_v, axis=0, return_indices=True)
-        sel = pos == arg
-        out_v = tl.where(kk == j, best, out_v)
-        out_i = tl.where(kk == j, tl.sum(tl.where(sel, run_i, 0), axis=0), out_i)
-        run_v = tl.where(sel, float("-inf"), run_v)
-    return out_v, out_i
-
-
-@triton.jit
 def _knn_merge_kernel(
     # pointers
     Q, BUF, CAND_V, CAND_I, VALS, IDX,
@@ -216,11 +147,6 @@ def _knn_merge_kernel(
         dots += tl.sum(nb * q[None, :], axis=1)
     tl.store(VALS + row * stride_vb + kk, dots, mask=k_mask)
     tl.store(IDX + row * stride_ib + kk, idx, mask=k_mask)
-
-
-def merge_block(n_cand: int, device: torch.device) -> int:
-    """``BLOCK_C`` for :func:`merge_topk`: candidates read per step (power of two, at most 1024 on CUDA)."""
-    return max(16, min(1024 if device.type != "cpu" else 4096, triton.next_power_of_2(n_cand)))
 
 
 def knn_config(batch: int, size: int, dim: int, k: int, device: torch.device, *,
@@ -271,7 +197,7 @@ def _knn_config(batch: int, size: int, dim: int, k: int, device: torch.device, d
         if device.type == "cpu":
             target = 2  # exercise the merge, keep the interpreter's program count small
         else:
-            target = max(1, 4 * _num_sms(device) // row_blocks)
+            target = max(1, 4 * num_sms(device) // row_blocks)
         chunks = max(1, min(target, tiles, _MAX_CHUNKS))
         cfg["chunk"] = triton.cdiv(tiles, chunks) * cfg["BLOCK_N"]
     else:
@@ -325,13 +251,13 @@ def knn_topk(q: torch.Tensor, storage: torch.Tensor, k: int, self_slots=None, **
     n_cand = cand_v.shape[1] * kp
     vals = torch.empty(batch, k, device=q.device, dtype=torch.float32)
     idx = torch.empty(batch, k, device=q.device, dtype=torch.int64)
-    block_d = max(16, min(128 if q.device.type == "cpu" else 64, triton.next_power_of_2(dim)))
     block_c = block_c or merge_block(n_cand, q.device)
     _knn_merge_kernel[(batch,)](
         q, storage, cand_v, cand_i, vals, idx,
         dim, n_cand,
         q.stride(0), q.stride(1), storage.stride(0), storage.stride(1), cand_v.stride(0), vals.stride(0),
         idx.stride(0),
-        K=k, K_PAD=kp, BLOCK_C=block_c, BLOCK_D=block_d, SINGLE=n_cand <= block_c, num_warps=4,
+        K=k, K_PAD=kp, BLOCK_C=block_c, BLOCK_D=row_block_d(dim, q.device), SINGLE=n_cand <= block_c,
+        num_warps=4,
     )
     return vals, idx

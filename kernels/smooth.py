@@ -1,33 +1,32 @@
 """Instance smoothing (attention aggregation): ``_smooth_fwd_kernel``, ``_smooth_bwd_kernel`` and host launchers.
 
 Forward, one program per query row ``i`` (DESIGN.md §1 step 4, §3):
-1. the neighbour slots: either merged here from the kNN's per-chunk candidates (:func:`merge_topk`, so the fused
-   path needs no separate merge launch) or given (``idx``, e.g. from FAISS);
+1. the neighbour slots: either merged here from the kNN's per-chunk candidates
+   (:func:`~iscse.kernels._common.merge_topk`, so the fused path needs no separate merge launch) or given
+   (``idx``, e.g. from FAISS);
 2. the attention logits ``[q_i . q_i, q_i . N_i1, ..., q_i . N_ik] / t_attn`` in fp32: the neighbour logits are
    the exact fp32 dot products of the gathered rows (or, for the standalone op, the given ``vals``, as the torch
    backend does), the self logit ``|q_i|^2`` is computed, not assumed to be 1;
 3. ``w_i = softmax(logits)`` and ``z*_i = w_i0 q_i + sum_j w_ij N_ij``, written in fp32 with ``w`` (``(B, k+1)``),
    the slots, the logits' dot products and the neighbour rows (for backward).
 
-Backward, one program per row, the same math as ``iscse.backends.pytorch.SmoothFunction.backward``:
-``gw = [g.q, g.N_j]``, ``glogit = w (gw - w.gw) / t``, ``grad_q = w_0 g + 2 glogit_0 q + sum_j glogit_j N_j``.
-The forward writes the gathered neighbour rows ``N`` (``(B, k, D)`` in the buffer's dtype, as the torch backend
-saves them) while it reads them for ``z*``, so the backward needs nothing from the buffer: pushing to the buffer
-between a loss and its backward (two losses before one backward, gradient accumulation) is fine, as with the torch
-backend. The extra write is ``B k D`` elements, small next to the kNN's ``M D``.
-In the fused IS-CSE loss (``FUSED=True``) the same kernel is the whole backward: it scales the gradients that the
-dual-InfoNCE kernel produced in forward by ``grad_output`` (read from device memory, no host sync), runs the smooth
-backward on ``g_s * dL_s/dz*``, folds in the backward of ``q2 = z2 / max(|z2|, 1e-12)`` (``F.normalize``), and
-writes ``grad z1 = g_cl dL_cl/dz1 + g_s dL_s/dz1`` and ``grad z2 = g_cl dL_cl/dz2 + normalize'(grad q2)`` in the
-inputs' dtype: one launch for the whole backward.
+Backward (``_smooth_bwd_kernel``), one program per row, the same math as
+``iscse.backends.pytorch.SmoothFunction.backward``: ``gw = [g.q, g.N_j]``, ``glogit = w (gw - w.gw) / t``,
+``grad_q = w_0 g + 2 glogit_0 q + sum_j glogit_j N_j``. The forward writes the gathered neighbour rows ``N``
+(``(B, k, D)`` in the buffer's dtype, as the torch backend saves them) while it reads them for ``z*``, so the
+backward needs nothing from the buffer: pushing to the buffer between a loss and its backward (two losses before one
+backward, gradient accumulation) is fine, as with the torch backend. The extra write is ``B k D`` elements, small
+next to the kNN's ``M D``. The softmax backward and the ``grad q`` row are ``@triton.jit`` helpers
+(:func:`smooth_logit_grads`, :func:`smooth_grad_q`) that the fused IS-CSE loss's backward kernel
+(:mod:`iscse.kernels.iscse_loss`) calls too, so the math exists once.
 
 Mean aggregation (the paper's ablation, ``MEAN=True`` in both kernels): ``w = 1 / (k + 1)`` for every row of
 ``[q_i; N_i]``, so ``z*_i`` is the group's mean and ``grad_q = g / (k + 1)`` (the weights do not depend on ``q``:
 ``glogit = 0``); the logits' dot products are still computed and written.
 
-Supported: ``q``/``z2`` fp32/bf16/fp16, buffer fp32/bf16/fp16, ``1 <= k <= 256``, any ``B``, ``D``, arbitrary
-strides for ``q``, ``z2`` and the buffer (``grad z*`` is made row-contiguous). All arithmetic is fp32 (no
-``tl.dot``: each row is a ``K_PAD x BLOCK_D`` tile). Tested under the interpreter up to k = 64 (Triton 3.9 and 3.6,
+Supported: ``q`` fp32/bf16/fp16, buffer fp32/bf16/fp16, ``1 <= k <= 256``, any ``B``, ``D``, arbitrary strides
+for ``q`` and the buffer (``grad z*`` is made row-contiguous). All arithmetic is fp32 (no ``tl.dot``: each row is
+a ``K_PAD x BLOCK_D`` tile). Tested under the interpreter up to k = 64 (Triton 3.9 and 3.6,
 tests/test_triton_interpret.py) and compiled for sm_90 with ptxas; the GPU tests (tests/test_triton_gpu.py) were
 not yet run on a GPU when this was written.
 """
@@ -39,11 +38,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .knn_topk import k_pad, merge_block, merge_topk
+from ._common import k_pad, merge_block, merge_topk, row_block_d
 
-__all__ = ["smooth_forward", "smooth_backward", "smooth_backward_fused"]
-
-_EPS = 1e-12  # F.normalize's clamp on |z2|
+__all__ = ["smooth_forward", "smooth_backward", "smooth_logit_grads", "smooth_grad_q"]
 
 
 @triton.jit
@@ -109,105 +106,66 @@ def _smooth_fwd_kernel(
 
 
 @triton.jit
+def smooth_logit_grads(w0, w, gw0, gw, inv_t, MEAN: tl.constexpr):
+    """Device helper, softmax backward of the aggregation: ``(dL/dlogit_0, dL/dlogit_j)`` from the weights ``w0``
+    (scalar), ``w`` (``(K_PAD,)``, 0 past k) and ``gw0 = g.q``, ``gw_j = g.N_j``; the logits are divided by ``t``
+    (``inv_t = 1/t``). ``MEAN``: constant weights, so no gradient through the logits (zeros)."""
+    if MEAN:
+        gl0 = tl.zeros_like(gw0)
+        gl = tl.zeros_like(gw)
+    else:
+        # dL/dlogit_j = w_j (gw_j - sum_l w_l gw_l) / t
+        gbar = w0 * gw0 + tl.sum(w * gw, axis=0)
+        gl0 = w0 * (gw0 - gbar) * inv_t
+        gl = w * (gw - gbar) * inv_t
+    return gl0, gl
+
+
+@triton.jit
+def smooth_grad_q(g, q, nb, w0, gl0, gl):
+    """Device helper: one ``BLOCK_D`` slice of ``grad q = w_0 g + 2 glogit_0 q + sum_j glogit_j N_j`` (fp32), from
+    the slices ``g``, ``q`` (``(BLOCK_D,)``) and ``nb`` (``(K_PAD, BLOCK_D)``); ``2 q`` is the self logit's
+    ``d|q|^2/dq``."""
+    return w0 * g + 2.0 * gl0 * q + tl.sum(gl[:, None] * nb, axis=0)
+
+
+@triton.jit
 def _smooth_bwd_kernel(
     # pointers
-    GZ, Q, NB, W, Z2, GY, GX1, GX2, G_CL, G_S, OUT_Q, OUT_X,
+    GZ, Q, NB, W, OUT_Q,
     # sizes
-    D, inv_t, eps,
+    D, inv_t,
     # strides
-    stride_gzb, stride_qb, stride_qd, stride_nbb, stride_nbk, stride_wb, stride_z2b, stride_z2d,
-    stride_gb, stride_oqb, stride_oxb,
+    stride_gzb, stride_qb, stride_qd, stride_nbb, stride_nbk, stride_wb, stride_oqb,
     # meta-parameters
-    K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_SMOOTH: tl.constexpr, FUSED: tl.constexpr, HAS_G_CL: tl.constexpr, HAS_G_S: tl.constexpr,
-    MEAN: tl.constexpr,
+    K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_D: tl.constexpr, MEAN: tl.constexpr,
 ):
-    """Per row: smooth backward (``grad q``); with ``FUSED`` the whole IS-CSE loss backward (see the module doc)."""
+    """Per row: ``grad q`` of the smooth op from ``grad z*``, the saved neighbour rows and the weights."""
     row = tl.program_id(0)
     offs_d = tl.arange(0, BLOCK_D)
-    g_cl = 0.0
-    g_s = 1.0
-    if FUSED:
-        if HAS_G_CL:
-            g_cl = tl.load(G_CL).to(tl.float32)
-        if HAS_G_S:
-            g_s = tl.load(G_S).to(tl.float32)
-        else:
-            g_s = 0.0
-    if HAS_SMOOTH:
-        kk = tl.arange(0, K_PAD)
-        k_mask = kk < K
-        nb_off = row * stride_nbb + kk[:, None] * stride_nbk
-        w0 = tl.load(W + row * stride_wb).to(tl.float32)
-        w = tl.load(W + row * stride_wb + 1 + kk, mask=k_mask, other=0.0).to(tl.float32)
-        gw = tl.zeros([K_PAD], tl.float32)
-        gq_acc = tl.zeros([BLOCK_D], tl.float32)
-        zn = tl.zeros([K_PAD], tl.float32)
-        zz_acc = tl.zeros([BLOCK_D], tl.float32)
-        zg_acc = tl.zeros([BLOCK_D], tl.float32)
-        zq_acc = tl.zeros([BLOCK_D], tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            d = d0 + offs_d
-            d_mask = d < D
-            g = tl.load(GZ + row * stride_gzb + d, mask=d_mask, other=0.0).to(tl.float32) * g_s
-            q = tl.load(Q + row * stride_qb + d * stride_qd, mask=d_mask, other=0.0).to(tl.float32)
-            nb = tl.load(NB + nb_off + d[None, :], mask=k_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
-            gw += tl.sum(nb * g[None, :], axis=1)
-            gq_acc += g * q
-            if FUSED:
-                z = tl.load(Z2 + row * stride_z2b + d * stride_z2d, mask=d_mask, other=0.0).to(tl.float32)
-                zz_acc += z * z
-                zg_acc += z * g
-                zq_acc += z * q
-                zn += tl.sum(nb * z[None, :], axis=1)
-        gw0 = tl.sum(gq_acc, axis=0)
-        # softmax backward: dL/dlogit_j = w_j (gw_j - sum_l w_l gw_l); the logits are divided by t.
-        if MEAN:  # constant weights: no gradient through the logits
-            gl0 = 0.0
-            gl = tl.zeros([K_PAD], tl.float32)
-        else:
-            gbar = w0 * gw0 + tl.sum(w * gw, axis=0)
-            gl0 = w0 * (gw0 - gbar) * inv_t
-            gl = w * (gw - gbar) * inv_t
-        if FUSED:
-            # q2 = z2 / max(|z2|, eps): grad z2 = (gq - z2 (z2.gq) / |z2|^2) / |z2| (or gq / eps below the clamp),
-            # with z2.gq assembled from the dot products of loop 1 instead of a third pass over D.
-            r = tl.sqrt(tl.sum(zz_acc, axis=0))
-            inv_r = 1.0 / tl.maximum(r, eps)
-            z_gq = w0 * tl.sum(zg_acc, axis=0) + 2.0 * gl0 * tl.sum(zq_acc, axis=0) + tl.sum(gl * zn, axis=0)
-            proj = tl.where(r > eps, z_gq * inv_r * inv_r * inv_r, 0.0)
-        for d0 in range(0, D, BLOCK_D):
-            d = d0 + offs_d
-            d_mask = d < D
-            g = tl.load(GZ + row * stride_gzb + d, mask=d_mask, other=0.0).to(tl.float32) * g_s
-            q = tl.load(Q + row * stride_qb + d * stride_qd, mask=d_mask, other=0.0).to(tl.float32)
-            nb = tl.load(NB + nb_off + d[None, :], mask=k_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
-            gq = w0 * g + 2.0 * gl0 * q + tl.sum(gl[:, None] * nb, axis=0)
-            if FUSED:
-                z = tl.load(Z2 + row * stride_z2b + d * stride_z2d, mask=d_mask, other=0.0).to(tl.float32)
-                out = gq * inv_r - z * proj
-                if HAS_G_CL:
-                    out += g_cl * tl.load(GY + row * stride_gb + d, mask=d_mask, other=0.0)
-                gx = g_s * tl.load(GX2 + row * stride_gb + d, mask=d_mask, other=0.0)
-                if HAS_G_CL:
-                    gx += g_cl * tl.load(GX1 + row * stride_gb + d, mask=d_mask, other=0.0)
-                tl.store(OUT_Q + row * stride_oqb + d, out, mask=d_mask)
-                tl.store(OUT_X + row * stride_oxb + d, gx, mask=d_mask)
-            else:
-                tl.store(OUT_Q + row * stride_oqb + d, gq, mask=d_mask)
-    else:
-        # Smoothing off (buffer not full): grad z1 = g_cl dL_cl/dz1, grad z2 = g_cl dL_cl/dz2.
-        for d0 in range(0, D, BLOCK_D):
-            d = d0 + offs_d
-            d_mask = d < D
-            gy = tl.load(GY + row * stride_gb + d, mask=d_mask, other=0.0)
-            gx = tl.load(GX1 + row * stride_gb + d, mask=d_mask, other=0.0)
-            tl.store(OUT_Q + row * stride_oqb + d, g_cl * gy, mask=d_mask)
-            tl.store(OUT_X + row * stride_oxb + d, g_cl * gx, mask=d_mask)
-
-
-def _block_d(dim: int, device: torch.device) -> int:
-    return max(16, min(128 if device.type == "cpu" else 64, triton.next_power_of_2(dim)))
+    kk = tl.arange(0, K_PAD)
+    k_mask = kk < K
+    nb_off = row * stride_nbb + kk[:, None] * stride_nbk
+    w0 = tl.load(W + row * stride_wb).to(tl.float32)
+    w = tl.load(W + row * stride_wb + 1 + kk, mask=k_mask, other=0.0).to(tl.float32)
+    gw = tl.zeros([K_PAD], tl.float32)
+    gq_acc = tl.zeros([BLOCK_D], tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + offs_d
+        d_mask = d < D
+        g = tl.load(GZ + row * stride_gzb + d, mask=d_mask, other=0.0).to(tl.float32)
+        q = tl.load(Q + row * stride_qb + d * stride_qd, mask=d_mask, other=0.0).to(tl.float32)
+        nb = tl.load(NB + nb_off + d[None, :], mask=k_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+        gw += tl.sum(nb * g[None, :], axis=1)
+        gq_acc += g * q
+    gl0, gl = smooth_logit_grads(w0, w, tl.sum(gq_acc, axis=0), gw, inv_t, MEAN)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + offs_d
+        d_mask = d < D
+        g = tl.load(GZ + row * stride_gzb + d, mask=d_mask, other=0.0).to(tl.float32)
+        q = tl.load(Q + row * stride_qb + d * stride_qd, mask=d_mask, other=0.0).to(tl.float32)
+        nb = tl.load(NB + nb_off + d[None, :], mask=k_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+        tl.store(OUT_Q + row * stride_oqb + d, smooth_grad_q(g, q, nb, w0, gl0, gl), mask=d_mask)
 
 
 def smooth_forward(q: torch.Tensor, storage: torch.Tensor, k: int, attn_temperature: float, *,
@@ -249,7 +207,7 @@ def smooth_forward(q: torch.Tensor, storage: torch.Tensor, k: int, attn_temperat
         dim, n_cand, 1.0 / attn_temperature,
         q.stride(0), q.stride(1), storage.stride(0), storage.stride(1), stride_c, vals_in.stride(0),
         z_star.stride(0), w.stride(0), idx_out.stride(0), dots.stride(0), nb.stride(0), nb.stride(1),
-        K=k, K_PAD=kp, BLOCK_C=block_c, BLOCK_D=_block_d(dim, dev), MERGE=merge, SINGLE=n_cand <= block_c,
+        K=k, K_PAD=kp, BLOCK_C=block_c, BLOCK_D=row_block_d(dim, dev), MERGE=merge, SINGLE=n_cand <= block_c,
         USE_VALS=use_vals, MEAN=bool(mean), num_warps=4,
     )
     return z_star, w, idx_out, dots, nb
@@ -257,52 +215,17 @@ def smooth_forward(q: torch.Tensor, storage: torch.Tensor, k: int, attn_temperat
 
 def smooth_backward(grad_z: torch.Tensor, q: torch.Tensor, nb: torch.Tensor, w: torch.Tensor,
                     attn_temperature: float, mean: bool = False) -> torch.Tensor:
-    """``grad q`` ``(B, D)`` in ``q``'s dtype for the standalone smooth op, from ``grad z*`` and the forward's
-    neighbour rows ``nb`` ``(B, k, D)`` and weights ``w`` ``(B, k + 1)``; ``mean`` as in :func:`smooth_forward`."""
+    """Launch ``_smooth_bwd_kernel`` (one program per row): ``grad q`` ``(B, D)`` in ``q``'s dtype for the
+    standalone smooth op, from ``grad z*`` and the forward's neighbour rows ``nb`` ``(B, k, D)`` and weights ``w``
+    ``(B, k + 1)``; ``mean`` as in :func:`smooth_forward`."""
     batch, dim = q.shape
     k = nb.shape[1]
     grad_z = grad_z.contiguous() if grad_z.stride(1) != 1 else grad_z
     grad_q = torch.empty(batch, dim, device=q.device, dtype=q.dtype)
     _smooth_bwd_kernel[(batch,)](
-        grad_z, q, nb, w, q, grad_z, grad_z, grad_z, grad_z, grad_z, grad_q, grad_q,
-        dim, 1.0 / attn_temperature, _EPS,
-        grad_z.stride(0), q.stride(0), q.stride(1), nb.stride(0), nb.stride(1), w.stride(0), q.stride(0),
-        q.stride(1), 0, grad_q.stride(0), grad_q.stride(0),
-        K=k, K_PAD=k_pad(k), BLOCK_D=_block_d(dim, q.device), HAS_SMOOTH=True, FUSED=False, HAS_G_CL=False,
-        HAS_G_S=False, MEAN=bool(mean), num_warps=4,
+        grad_z, q, nb, w, grad_q,
+        dim, 1.0 / attn_temperature,
+        grad_z.stride(0), q.stride(0), q.stride(1), nb.stride(0), nb.stride(1), w.stride(0), grad_q.stride(0),
+        K=k, K_PAD=k_pad(k), BLOCK_D=row_block_d(dim, q.device), MEAN=bool(mean), num_warps=4,
     )
     return grad_q
-
-
-def smooth_backward_fused(g_cl: Optional[torch.Tensor], g_s: Optional[torch.Tensor], z1: torch.Tensor,
-                          z2: torch.Tensor, grads: Tuple[torch.Tensor, ...], smooth_state, attn_temperature: float,
-                          mean: bool = False):
-    """The whole backward of the fused IS-CSE losses in one launch; returns ``(grad_z1, grad_z2)``.
-
-    ``g_cl`` / ``g_s``: 0-dim grads of ``L_cl`` / ``L_s`` (None: zero). ``grads``: ``(gx1, gy, gx2, gz)`` from
-    :func:`iscse.kernels.info_nce.info_nce_forward` (fp32 ``(B, D)``, ``gx2``/``gz`` None without smoothing).
-    ``smooth_state``: ``(q2, nb, w)`` of the forward (:func:`smooth_forward`), or None without smoothing.
-    ``mean``: the forward used mean aggregation.
-    """
-    batch, dim = z1.shape
-    gx1, gy, gx2, gz = grads
-    grad_z1 = torch.empty(batch, dim, device=z1.device, dtype=z1.dtype)
-    grad_z2 = torch.empty(batch, dim, device=z2.device, dtype=z2.dtype)
-    has_smooth = smooth_state is not None
-    if has_smooth:
-        q2, nb, w = smooth_state
-        k = nb.shape[1]
-        nb_strides = (nb.stride(0), nb.stride(1))
-    else:
-        q2, nb, w, gx2, gz, k, nb_strides = z2, gy, gy, gy, gy, 1, (0, 0)
-    has_g_cl, has_g_s = g_cl is not None, g_s is not None
-    _smooth_bwd_kernel[(batch,)](
-        gz, q2, nb, w, z2, gy, gx1, gx2, g_cl if has_g_cl else gy, g_s if has_g_s else gy,
-        grad_z2, grad_z1,
-        dim, 1.0 / attn_temperature, _EPS,
-        gz.stride(0), q2.stride(0), q2.stride(1), *nb_strides, w.stride(0),
-        z2.stride(0), z2.stride(1), gy.stride(0), grad_z2.stride(0), grad_z1.stride(0),
-        K=k, K_PAD=k_pad(k), BLOCK_D=_block_d(dim, z1.device), HAS_SMOOTH=has_smooth, FUSED=True,
-        HAS_G_CL=has_g_cl, HAS_G_S=has_g_s, MEAN=bool(mean) and has_smooth, num_warps=4,
-    )
-    return grad_z1, grad_z2

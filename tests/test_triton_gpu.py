@@ -259,7 +259,7 @@ def test_million_row_buffer_without_b_by_m_memory():
 
 def test_fused_step_launches_six_kernels():
     """Forward + backward of the fused losses: kNN, aggregation, three InfoNCE launches (row pass, column pass,
-    merge), one backward kernel; four without smoothing."""
+    merge), one backward kernel (``_iscse_loss_bwd_kernel``); four without smoothing."""
     from torch.profiler import ProfilerActivity, profile
 
     B, M, D, k = 64, 1024, 768, 16
@@ -276,7 +276,7 @@ def test_fused_step_launches_six_kernels():
                                    attn_temperature=2.0, smooth=smooth)
         torch.autograd.backward([l_cl, l_s], list(grads))
 
-    mine = ("_knn_", "_smooth_", "_info_nce_")
+    mine = ("_knn_", "_smooth_", "_info_nce_", "_iscse_loss_")
     for smooth, expected in ((True, 6), (False, 4)):
         run(smooth)  # compile
         z1.grad = z2.grad = None

@@ -1,14 +1,24 @@
 """``backend="triton"``: the fused Triton kernels (:mod:`iscse.kernels`) behind autograd Functions (DESIGN.md §3).
 
-One name per op through every layer: ``iscse.kernels.knn_topk`` -> :func:`knn_topk`; ``iscse.kernels.smooth`` ->
-:class:`SmoothFunction` -> :func:`smooth`; ``iscse.kernels.info_nce`` -> :class:`InfoNCEFunction` ->
-:func:`info_nce`; all three fused -> :class:`ISCSELossesFunction` -> :meth:`TritonBackend.losses`.
+One name per op through every layer, one kernel file (``kernels/``, installed as ``iscse.kernels``) per op, the
+shared helpers in ``iscse.kernels._common``:
+
+- ``iscse.kernels.knn_topk`` (``_knn_chunk_kernel``, ``_knn_merge_kernel``) -> :func:`knn_topk` (not
+  differentiable: no autograd Function) -> :meth:`TritonBackend.knn_topk` -> :func:`iscse.knn_topk`;
+- ``iscse.kernels.smooth`` (``_smooth_fwd_kernel``, ``_smooth_bwd_kernel``; ``smooth_forward`` /
+  ``smooth_backward``) -> :class:`SmoothFunction` -> :func:`smooth` -> :func:`iscse.smooth`;
+- ``iscse.kernels.info_nce`` (``_info_nce_rows_kernel``, ``_info_nce_cols_kernel``, ``_info_nce_merge_kernel``;
+  ``info_nce_forward``) -> :class:`InfoNCEFunction` -> :func:`info_nce` -> :func:`iscse.info_nce`;
+- ``iscse.kernels.iscse_loss`` (``_iscse_loss_bwd_kernel``; ``iscse_loss_forward``, which runs the three ops'
+  forward launchers, and ``iscse_loss_backward``) -> :class:`ISCSELossFunction` -> :meth:`TritonBackend.losses`
+  (the name the backend interface gives it) -> :func:`iscse.iscse_loss` -> :class:`iscse.ISCSELoss`.
 
 The fused step (:meth:`TritonBackend.losses`) launches, in forward: the kNN chunk kernel, the aggregation kernel
 (which also merges the kNN's per-chunk candidates), and the three kernels of the dual InfoNCE (row pass, column pass,
 merge of the split partials; they also produce every input gradient); in backward: one kernel (scales those gradients
-by ``grad_output``, smooth backward, ``normalize`` backward). Six launches for forward + backward, no host synchronisation (no ``.item()``, no Python branch on device
-values: ``grad_output`` is read by the kernel from device memory), so a step can be captured in a CUDA graph.
+by ``grad_output``, smooth backward, ``normalize`` backward). Six launches for forward + backward, no host
+synchronisation (no ``.item()``, no Python branch on device values: ``grad_output`` is read by the kernel from device
+memory), so a step can be captured in a CUDA graph.
 
 Contract at the boundary: CUDA tensors (or CPU tensors when Triton runs in its interpreter, ``TRITON_INTERPRET=1``
 set before ``triton`` is first imported: that is how CI tests the kernels); embeddings fp32/bf16/fp16 and buffers
@@ -34,12 +44,13 @@ except ImportError as exc:  # pragma: no cover - exercised only where triton is 
                       "pip install 'iscse[triton]'") from exc
 
 from ..kernels import info_nce as _nce
+from ..kernels import iscse_loss as _loss
 from ..kernels import knn_topk as _knn
 from ..kernels import smooth as _smooth
 from .base import Backend
 
 __all__ = ["TritonBackend", "knn_topk", "smooth", "info_nce", "SmoothFunction", "InfoNCEFunction",
-           "ISCSELossesFunction", "INTERPRETED", "MAX_K"]
+           "ISCSELossFunction", "INTERPRETED", "MAX_K"]
 
 #: True when the kernels were built by Triton's interpreter (``TRITON_INTERPRET=1`` when triton was imported): they
 #: then run on CPU tensors, slowly, for testing.
@@ -136,8 +147,9 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float = 0.05) -> tor
     return InfoNCEFunction.apply(a, b, temperature)
 
 
-class ISCSELossesFunction(torch.autograd.Function):
-    """``(L_cl, L_s)`` of one IS-CSE step, fused (see the module docstring).
+class ISCSELossFunction(torch.autograd.Function):
+    """``(L_cl, L_s)`` of one IS-CSE step, fused: forward :func:`iscse.kernels.iscse_loss.iscse_loss_forward`
+    (five launches), backward :func:`iscse.kernels.iscse_loss.iscse_loss_backward` (one launch).
 
     ``forward(z1, z2, q2, storage, self_slots, idx, k, temperature, attn_temperature, smooth, mean)``: ``z1``, ``z2``
     ``(B, D)``; ``q2 = normalize(z2)`` (a value only: its gradient is folded into ``z2``'s inside the kernel);
@@ -151,19 +163,13 @@ class ISCSELossesFunction(torch.autograd.Function):
                 smooth: bool, mean: bool = False):
         ctx.set_materialize_grads(False)
         z1, z2, q2 = z1.detach(), z2.detach(), q2.detach()
-        z_star = None
-        if smooth:
-            if idx is None:
-                cands = _knn.knn_topk_candidates(q2, storage, k, self_slots)
-                z_star, w, _, _, nb = _smooth.smooth_forward(q2, storage, k, attn_temperature, candidates=cands,
-                                                             mean=mean)
-            else:
-                z_star, w, _, _, nb = _smooth.smooth_forward(q2, storage, k, attn_temperature, idx=idx, mean=mean)
-        loss_cl, loss_s, gx1, gy, gx2, gz = _nce.info_nce_forward(z1, z2, z_star, temperature)
+        loss_cl, loss_s, (gx1, gy, gx2, gz), state = _loss.iscse_loss_forward(
+            z1, z2, q2, storage, self_slots, k, temperature, attn_temperature, idx=idx, smooth=smooth, mean=mean)
         ctx.smooth = smooth
         ctx.attn_temperature = attn_temperature
         ctx.mean = mean
         if smooth:
+            q2, nb, w = state
             ctx.save_for_backward(z1, z2, q2, nb, w, gx1, gy, gx2, gz)
         else:
             ctx.save_for_backward(z1, z2, gx1, gy)
@@ -184,8 +190,8 @@ class ISCSELossesFunction(torch.autograd.Function):
             g_s = None
         g_cl = g_cl.float() if g_cl is not None else None
         g_s = g_s.float() if g_s is not None else None
-        grad_z1, grad_z2 = _smooth.smooth_backward_fused(g_cl, g_s, z1, z2, (gx1, gy, gx2, gz), state,
-                                                         ctx.attn_temperature, ctx.mean)
+        grad_z1, grad_z2 = _loss.iscse_loss_backward(g_cl, g_s, z1, z2, (gx1, gy, gx2, gz), state,
+                                                     ctx.attn_temperature, ctx.mean)
         return (grad_z1 if ctx.needs_input_grad[0] else None, grad_z2 if ctx.needs_input_grad[1] else None) + none
 
 
@@ -208,7 +214,7 @@ class TritonBackend(Backend):
 
     def losses(self, z1, z2, q2, storage, self_slots, ptr, *, k, temperature, attn_temperature, smooth,
                knn: Optional[Backend] = None, aggregation: str = "attention"):
-        """``(L_cl, L_s)`` fused (:class:`ISCSELossesFunction`); ``L_s`` is 0 when ``smooth`` is False.
+        """``(L_cl, L_s)`` fused (:class:`ISCSELossFunction`); ``L_s`` is 0 when ``smooth`` is False.
 
         ``smooth`` is a Python bool that selects the kernels (:func:`iscse.iscse_loss` passes True and masks
         ``L_s`` with the buffer's device "full" flag, so this never branches on a device value); ``self_slots`` may
@@ -227,5 +233,5 @@ class TritonBackend(Backend):
                 self_slots = self_slots.contiguous()
             if knn is not None and not isinstance(knn, TritonBackend):
                 _, idx = knn.knn_topk(q2.detach(), storage, k, self_slots, ptr)
-        return ISCSELossesFunction.apply(z1, z2, q2, storage, self_slots, idx, k, temperature, attn_temperature,
-                                         bool(smooth), aggregation == "mean")
+        return ISCSELossFunction.apply(z1, z2, q2, storage, self_slots, idx, k, temperature, attn_temperature,
+                                       bool(smooth), aggregation == "mean")
