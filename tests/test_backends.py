@@ -18,15 +18,25 @@ def fresh_decisions():
     backends.clear_auto_knn_decisions()
 
 
-class _Slow:
-    """Wraps a backend's kNN with an extra sleep and counts calls."""
+class _Clock:
+    """A fake ``perf_counter`` for the probe: only the wrapped kNN calls advance it, by their declared cost."""
 
-    def __init__(self, inner, delay):
-        self.inner, self.delay, self.calls = inner, delay, 0
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        return self.now
+
+
+class _Slow:
+    """Wraps a backend's kNN: runs it, counts the call, and advances the fake clock by ``delay`` seconds."""
+
+    def __init__(self, inner, delay, clock):
+        self.inner, self.delay, self.clock, self.calls = inner, delay, clock, 0
 
     def __call__(self, *args):
         self.calls += 1
-        time.sleep(self.delay)
+        self.clock.now += self.delay
         return self.inner(*args)
 
 
@@ -38,10 +48,12 @@ def _shapes(M=backends.PROBE_MIN_ROWS, B=8, D=16):
 def test_auto_probes_once_per_shape_class_and_takes_the_faster(monkeypatch, fresh_decisions, faster):
     pytest.importorskip("faiss")
     torch_be, faiss_be = get_backend("torch", CPU), get_backend("faiss", CPU)
-    slow = {"torch": 0.03 if faster == "faiss" else 0.0, "faiss": 0.03 if faster == "torch" else 0.0}
+    clock = _Clock()
+    monkeypatch.setattr(backends, "time", clock)
+    slow = {"torch": 0.03 if faster == "faiss" else 0.01, "faiss": 0.03 if faster == "torch" else 0.01}
     wrapped = {}
     for name, be in (("torch", torch_be), ("faiss", faiss_be)):
-        wrapped[name] = _Slow(be.knn_topk, slow[name])
+        wrapped[name] = _Slow(be.knn_topk, slow[name], clock)
         monkeypatch.setattr(be, "knn_topk", wrapped[name])
     q, storage = _shapes()
     got = resolve_knn("auto", None, q, storage)
@@ -59,9 +71,11 @@ def test_auto_probes_once_per_shape_class_and_takes_the_faster(monkeypatch, fres
 
 def test_auto_near_tie_keeps_torch(monkeypatch, fresh_decisions):
     pytest.importorskip("faiss")
-    for name in ("torch", "faiss"):
+    clock = _Clock()
+    monkeypatch.setattr(backends, "time", clock)
+    for name, cost in (("torch", 0.100), ("faiss", 0.097)):  # FAISS 3% faster: under the 5% margin
         be = get_backend(name, CPU)
-        monkeypatch.setattr(be, "knn_topk", _Slow(be.knn_topk, 0.1))  # both dominated by the same sleep
+        monkeypatch.setattr(be, "knn_topk", _Slow(be.knn_topk, cost, clock))
     q, storage = _shapes()
     assert resolve_knn("auto", None, q, storage) is None
 
