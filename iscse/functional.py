@@ -246,7 +246,7 @@ def iscse_loss(z1: torch.Tensor, z2: torch.Tensor, buffer: MemoryBuffer, *, k: i
         smooth, full = True, snapshot(buffer.full_tensor)
     # aggregation is passed only when it is not the default, so Backend subclasses that predate it keep working.
     extra = {} if aggregation == "attention" else {"aggregation": aggregation}
-    l_cl, l_s = impl.losses(z1, z2, q2, buffer.storage, self_slots, ptr, k=k,
+    l_cl, l_s = impl.iscse_loss(z1, z2, q2, buffer.storage, self_slots, ptr, k=k,
                             temperature=temperature, attn_temperature=attn_temperature, smooth=smooth, knn=knn,
                             **extra)
     if full is not None:

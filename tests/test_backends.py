@@ -95,8 +95,9 @@ def test_no_probe_for_small_buffers_explicit_names_or_without_faiss(monkeypatch,
 
 def test_auto_within_ten_percent_of_the_faster_backend(fresh_decisions):
     """The policy's promise on this machine, at a shape where the two are usually within 2x of each other: the step
-    under "auto" (after its one probe) is no slower than the faster of torch and FAISS by more than 10%, with the
-    three timed interleaved in the same process (medians of 5)."""
+    under "auto" (after its probe) is no slower than the faster of torch and FAISS by more than 10%, the three timed
+    interleaved in the same process (medians of 5). Timings on a shared machine can be disturbed by other load, so
+    the promise is checked up to three times, each with a fresh probe: a wrong policy fails all three."""
     pytest.importorskip("faiss")
     B, M, D = 32, 16384, 64
     z1, z2 = torch.randn(B, D), torch.randn(B, D)
@@ -105,16 +106,22 @@ def test_auto_within_ten_percent_of_the_faster_backend(fresh_decisions):
     for name in ("auto", "torch", "faiss"):
         bufs[name] = iscse.MemoryBuffer(M, D)
         bufs[name].push(rows)
-    with torch.no_grad():
-        iscse.iscse_loss(z1, z2, bufs["auto"], backend="auto", push=False)  # the probe
-        times = {name: [] for name in bufs}
-        for _ in range(6):
-            for name, buf in bufs.items():
-                start = time.perf_counter()
-                iscse.iscse_loss(z1, z2, buf, backend=name, push=False)
-                times[name].append(time.perf_counter() - start)
-    med = {name: sorted(t[1:])[2] for name, t in times.items()}
-    assert med["auto"] <= 1.10 * min(med["torch"], med["faiss"]) + 2e-3, (med, backends.auto_knn_decisions())
+    attempts = []
+    for _ in range(3):
+        backends.clear_auto_knn_decisions()
+        with torch.no_grad():
+            iscse.iscse_loss(z1, z2, bufs["auto"], backend="auto", push=False)  # the probe
+            times = {name: [] for name in bufs}
+            for _ in range(6):
+                for name, buf in bufs.items():
+                    start = time.perf_counter()
+                    iscse.iscse_loss(z1, z2, buf, backend=name, push=False)
+                    times[name].append(time.perf_counter() - start)
+        med = {name: sorted(t[1:])[2] for name, t in times.items()}
+        attempts.append((med, backends.auto_knn_decisions()))
+        if med["auto"] <= 1.10 * min(med["torch"], med["faiss"]) + 2e-3:
+            return
+    pytest.fail(f"auto slower than the faster backend by more than 10% in 3 attempts: {attempts}")
 
 
 def test_backend_instances_are_accepted():

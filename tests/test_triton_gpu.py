@@ -272,7 +272,7 @@ def test_fused_step_launches_six_kernels():
     grads = (torch.ones((), device=DEV), torch.full((), 0.1, device=DEV))
 
     def run(smooth):
-        l_cl, l_s = backend.losses(z1, z2, q2, buf.storage, slots, 0, k=k, temperature=0.05,
+        l_cl, l_s = backend.iscse_loss(z1, z2, q2, buf.storage, slots, 0, k=k, temperature=0.05,
                                    attn_temperature=2.0, smooth=smooth)
         torch.autograd.backward([l_cl, l_s], list(grads))
 

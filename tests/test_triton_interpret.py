@@ -254,11 +254,11 @@ def test_info_nce_config_fills_the_device():
 
 
 def test_losses_without_smoothing_returns_zero():
-    """``losses(..., smooth=False)``: ``(L_cl, 0)``; L_s's gradient contributes nothing."""
+    """``iscse_loss(..., smooth=False)``: ``(L_cl, 0)``; L_s's gradient contributes nothing."""
     B, M, D = 5, 13, 13
     z1, z2 = torch.randn(B, D, requires_grad=True), torch.randn(B, D, requires_grad=True)
     q2 = torch.nn.functional.normalize(z2, dim=1)
-    l_cl, l_s = triton_ops.TritonBackend().losses(z1, z2, q2, torch.randn(M, D), torch.arange(B), 0, k=3,
+    l_cl, l_s = triton_ops.TritonBackend().iscse_loss(z1, z2, q2, torch.randn(M, D), torch.arange(B), 0, k=3,
                                                   temperature=0.05, attn_temperature=2.0, smooth=False)
     assert l_s.item() == 0.0
     assert_rel_close(l_cl, R.cos_sim_ce(z1.double(), z2.double()), RTOL, "L_cl")

@@ -14,7 +14,7 @@ A backend provides four operations on plain tensors (the functional API has alre
   functional API passes ``aggregation`` only when it is not the default, so a backend without the ablation keeps
   working for the paper's path.
 - ``info_nce(a, b, temperature)`` -> scalar, differentiable in ``a`` and ``b``.
-- ``losses(z1, z2, q2, storage, self_slots, ptr, k, temperature, attn_temperature, smooth, knn,
+- ``iscse_loss(z1, z2, q2, storage, self_slots, ptr, k, temperature, attn_temperature, smooth, knn,
   aggregation="attention")`` -> ``(L_cl, L_s)``; the default composes the three above, a fused backend overrides
   it. ``self_slots`` is None when nothing is to be excluded. ``smooth`` is a Python bool: :func:`iscse.iscse_loss`
   passes ``True`` and masks ``L_s`` with the buffer's device "full" flag itself, so no backend branches on a device
@@ -37,7 +37,7 @@ __all__ = ["Backend"]
 
 
 class Backend:
-    """Base class: :meth:`losses` composes :meth:`knn_topk`, :meth:`smooth` and :meth:`info_nce`."""
+    """Base class: :meth:`iscse_loss` composes :meth:`knn_topk`, :meth:`smooth` and :meth:`info_nce`."""
 
     name = "base"
     #: True when this backend reads device values on the host inside a step (see the module docstring).
@@ -55,8 +55,8 @@ class Backend:
     def info_nce(self, a, b, temperature):  # pragma: no cover - interface
         raise NotImplementedError
 
-    def losses(self, z1, z2, q2, storage, self_slots, ptr, *, k, temperature, attn_temperature, smooth,
-               knn: Optional["Backend"] = None, aggregation: str = "attention"):
+    def iscse_loss(self, z1, z2, q2, storage, self_slots, ptr, *, k, temperature, attn_temperature, smooth,
+                   knn: Optional["Backend"] = None, aggregation: str = "attention"):
         """``(L_cl, L_s)`` for one step; ``L_s`` is a zero tensor when ``smooth`` is False."""
         l_cl = self.info_nce(z1, z2, temperature)
         if not smooth:

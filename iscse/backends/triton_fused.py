@@ -10,10 +10,10 @@ shared helpers in ``iscse.kernels._common``:
 - ``iscse.kernels.info_nce`` (``_info_nce_rows_kernel``, ``_info_nce_cols_kernel``, ``_info_nce_merge_kernel``;
   ``info_nce_forward``) -> :class:`InfoNCEFunction` -> :func:`info_nce` -> :func:`iscse.info_nce`;
 - ``iscse.kernels.iscse_loss`` (``_iscse_loss_bwd_kernel``; ``iscse_loss_forward``, which runs the three ops'
-  forward launchers, and ``iscse_loss_backward``) -> :class:`ISCSELossFunction` -> :meth:`TritonBackend.losses`
+  forward launchers, and ``iscse_loss_backward``) -> :class:`ISCSELossFunction` -> :meth:`TritonBackend.iscse_loss`
   (the name the backend interface gives it) -> :func:`iscse.iscse_loss` -> :class:`iscse.ISCSELoss`.
 
-The fused step (:meth:`TritonBackend.losses`) launches, in forward: the kNN chunk kernel, the aggregation kernel
+The fused step (:meth:`TritonBackend.iscse_loss`) launches, in forward: the kNN chunk kernel, the aggregation kernel
 (which also merges the kNN's per-chunk candidates), and the three kernels of the dual InfoNCE (row pass, column pass,
 merge of the split partials; they also produce every input gradient); in backward: one kernel (scales those gradients
 by ``grad_output``, smooth backward, ``normalize`` backward). Six launches for forward + backward, no host
@@ -212,8 +212,8 @@ class TritonBackend(Backend):
         """See :func:`info_nce`."""
         return info_nce(a, b, temperature)
 
-    def losses(self, z1, z2, q2, storage, self_slots, ptr, *, k, temperature, attn_temperature, smooth,
-               knn: Optional[Backend] = None, aggregation: str = "attention"):
+    def iscse_loss(self, z1, z2, q2, storage, self_slots, ptr, *, k, temperature, attn_temperature, smooth,
+                   knn: Optional[Backend] = None, aggregation: str = "attention"):
         """``(L_cl, L_s)`` fused (:class:`ISCSELossFunction`); ``L_s`` is 0 when ``smooth`` is False.
 
         ``smooth`` is a Python bool that selects the kernels (:func:`iscse.iscse_loss` passes True and masks
