@@ -100,15 +100,7 @@ def evaluate_sts(
             raise ValueError(f"tasks: {task} has no dev split; mode='dev' evaluates {' and '.join(DEV_TASKS)}")
     if len(set(tasks)) != len(tasks):
         raise ValueError(f"tasks: each task at most once, got {list(tasks)}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    if not isinstance(model, SentenceEncoder):
-        if not callable(model):
-            raise TypeError("model must be a SentenceEncoder or a callable mapping a list of sentences to an "
-                            f"(n, D) tensor, got {type(model).__name__}")
-        if max_length is not None or device is not None:
-            raise ValueError("max_length and device apply to a SentenceEncoder only; a plain callable handles its "
-                             "own tokenization and device")
+    _check_embedder(model, batch_size, max_length, device)
 
     root = resolve_data_dir(data_dir)
     data = {task: load_sts_task(root, task, split) for task in tasks}
