@@ -234,8 +234,19 @@ def iscse_loss(z1: torch.Tensor, z2: torch.Tensor, buffer: MemoryBuffer, *, k: i
     if grouping == "pddp":
         l_cl, l_s = pddp_losses(impl, z1, z2, q2, buffer, push, k=k, temperature=temperature,
                                 attn_temperature=attn_temperature, aggregation=aggregation)
-        loss = l_cl + (alpha.to(l_s.dtype) if isinstance(alpha, torch.Tensor) else alpha) * l_s
-        return ISCSEOutput(loss, l_cl, l_s) if return_components else loss
+    else:
+        l_cl, l_s = _knn_losses(impl, knn, z1, z2, q2, buffer, push, k=k, temperature=temperature,
+                                attn_temperature=attn_temperature, aggregation=aggregation)
+    if isinstance(alpha, torch.Tensor):
+        alpha = alpha.to(l_s.dtype)
+    loss = l_cl + alpha * l_s
+    return ISCSEOutput(loss, l_cl, l_s) if return_components else loss
+
+
+def _knn_losses(impl, knn, z1, z2, q2, buffer: MemoryBuffer, push: bool, *, k, temperature, attn_temperature,
+                aggregation):
+    """``(L_cl, L_s)`` of a kNN-grouped step (push, then the backend's losses, ``L_s`` masked until the buffer is
+    full): see :func:`iscse_loss`."""
     self_slots = buffer.push(q2) if push else None  # the write slots are the queries' own slots
     # Reads of the buffer's device state, snapshotted under torch.compile (see iscse.buffer.snapshot).
     self_slots = snapshot(self_slots) if self_slots is not None else None
@@ -246,14 +257,10 @@ def iscse_loss(z1: torch.Tensor, z2: torch.Tensor, buffer: MemoryBuffer, *, k: i
         smooth, full = True, snapshot(buffer.full_tensor)
     # aggregation is passed only when it is not the default, so Backend subclasses that predate it keep working.
     extra = {} if aggregation == "attention" else {"aggregation": aggregation}
-    l_cl, l_s = impl.iscse_loss(z1, z2, q2, buffer.storage, self_slots, ptr, k=k,
-                            temperature=temperature, attn_temperature=attn_temperature, smooth=smooth, knn=knn,
-                            **extra)
+    l_cl, l_s = impl.iscse_loss(z1, z2, q2, buffer.storage, self_slots, ptr, k=k, temperature=temperature,
+                                attn_temperature=attn_temperature, smooth=smooth, knn=knn, **extra)
     if full is not None:
         # torch.where, not a product: a 0 * NaN would be NaN, and where's backward sends exactly 0 to the branch
         # not taken.
         l_s = torch.where(full, l_s, torch.zeros((), dtype=l_s.dtype, device=l_s.device))
-    if isinstance(alpha, torch.Tensor):
-        alpha = alpha.to(l_s.dtype)
-    loss = l_cl + alpha * l_s
-    return ISCSEOutput(loss, l_cl, l_s) if return_components else loss
+    return l_cl, l_s
