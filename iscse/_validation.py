@@ -87,6 +87,13 @@ def check_choice(name: str, value, choices) -> str:
     return value
 
 
+def check_count(name: str, value) -> int:
+    """An int >= 0 (a counter such as a step or a number of rows written)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+    return int(value)
+
+
 def check_k(k, candidates: int | None = None) -> int:
     """A positive int, at most the number of rows that can be neighbours (buffer size minus the query's own)."""
     if isinstance(k, bool) or not isinstance(k, numbers.Integral):

@@ -6,6 +6,8 @@ from typing import Any, Dict, Optional
 
 import torch
 
+from . import _validation as V
+
 __all__ = ["MemoryBuffer", "snapshot"]
 
 _BUFFER_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -152,9 +154,7 @@ class MemoryBuffer:
 
     @written.setter
     def written(self, value: int) -> None:
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-            raise ValueError(f"written must be an int >= 0, got {value!r}")
-        self._written.fill_(int(value))
+        self._written.fill_(V.check_count("written", value))
 
     @property
     def full(self) -> bool:

@@ -192,9 +192,7 @@ class ISCSELoss(nn.Module):
 
     @step.setter
     def step(self, value: int) -> None:
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-            raise ValueError(f"step must be an int >= 0, got {value!r}")
-        self._step.fill_(int(value))
+        self._step.fill_(V.check_count("step", value))
 
     @property
     def step_tensor(self) -> torch.Tensor:
@@ -274,8 +272,7 @@ class ISCSELoss(nn.Module):
         step = state.get("step", 0)
         if isinstance(step, torch.Tensor) and step.numel() == 1 and not step.is_floating_point():
             step = int(step.item())
-        if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
-            raise ValueError(f"ISCSELoss state['step'] must be an int >= 0, got {step!r}")
+        step = V.check_count("ISCSELoss state['step']", step)
         alpha = state.get("alpha")
         alpha = None if alpha is None else _alpha_from_state(alpha)
         grouping = V.check_choice("ISCSELoss state['grouping']", state.get("grouping", self.grouping), GROUPINGS)
