@@ -37,6 +37,8 @@ Other modes (no GPU needed):
 - ``--cpu-smoke`` (or ``--dry-run``): the whole driver, worker processes and time bounds included, on tiny shapes on
   CPU with ``TRITON_INTERPRET=1`` (wall-clock timing instead of do_bench, no profiler counts, no CUDA graph,
   ``torch.compile`` with its ``eager`` backend): checks the script end to end before a GPU run.
+- ``--memory``: the Triton step's peak extra memory at each shape (fp32 and bf16; neighbour rows kept and
+  dropped), counted allocation by allocation on ``meta`` tensors (:func:`memory_plan`).
 - ``--list``: print the plan (items and their time limits) and exit.
 
 Exit status: 0 when every item was measured, 3 when the budget ran out before the last items (the others were
@@ -72,13 +74,14 @@ class _Capture:
 
     shape = None
 
-    def __init__(self, fn):
+    def __init__(self, fn, record: bool = True):
         self.fn = fn
         self.calls = []
+        self.record = record  # False: count launches only, keep no reference to their tensors
 
     def __getitem__(self, grid):
         def record(*args, **kwargs):
-            self.calls.append((args, kwargs, _Capture.shape))
+            self.calls.append((args, kwargs, _Capture.shape) if self.record else None)
         return record
 
 
@@ -131,17 +134,7 @@ def _launch_all_for_compile(shapes):
     from iscse.kernels import knn_topk as K
     from iscse.kernels import smooth as S
 
-    # One kernel file per op (kernels/): every @triton.jit kernel of every op module. The op modules import each
-    # other's launchers and the shared device helpers (_common.merge_topk, smooth.smooth_logit_grads, ...) by
-    # name; a launcher looks its kernel up in its own module at launch, so patching the module attribute suffices.
-    kernels = {
-        (K, "_knn_chunk_kernel"): None, (K, "_knn_merge_kernel"): None, (S, "_smooth_fwd_kernel"): None,
-        (S, "_smooth_bwd_kernel"): None, (N, "_info_nce_rows_kernel"): None, (N, "_info_nce_cols_kernel"): None,
-        (N, "_info_nce_merge_kernel"): None, (L, "_iscse_loss_bwd_kernel"): None,
-    }
-    for mod, name in kernels:
-        kernels[(mod, name)] = _Capture(getattr(mod, name))
-        setattr(mod, name, kernels[(mod, name)])
+    kernels = _patch_kernels()
     meta = torch.device("meta")
     try:
         for (B, M, D, k, dt) in shapes:
@@ -159,19 +152,54 @@ def _launch_all_for_compile(shapes):
             f32 = dict(device=meta, dtype=torch.float32)
             g = torch.empty((), **f32)
             grads = tuple(torch.empty(B, D, **f32) for _ in range(4))
-            L.iscse_loss_backward(g, g, z, z, grads, (q, nb, w), 2.0)
-            L.iscse_loss_backward(g, None, z, z, (grads[0], grads[1], None, None), None, 2.0)
+            dts = (dt, dt)
+            # The fused loss's forward, rows kept and dropped (the kNN, smooth, InfoNCE launches again, plus the
+            # smooth part of grad z2 made in forward), then its backward in each case and with one gradient absent.
+            for keep in (True, False):
+                for mean in (False, True):  # aggregation="mean" (the paper's ablation): the MEAN specialisations
+                    L.iscse_loss_forward(z, z, q, buf, slots, k, 0.05, 2.0, keep=keep, mean=mean)
+            L.iscse_loss_forward(z, z, q, buf, slots, k, 0.05, 2.0, idx=idx, keep=False)
+            L.iscse_loss_backward(g, g, grads, (z, q, nb, w), 2.0, dtypes=dts)
+            L.iscse_loss_backward(g, g, grads, (z, q, nb, w), 2.0, mean=True, dtypes=dts)
+            L.iscse_loss_backward(g, g, grads, None, 2.0, dtypes=dts)
+            L.iscse_loss_backward(None, g, grads, None, 2.0, dtypes=dts)
+            L.iscse_loss_backward(g, None, (grads[0], grads[1], None, None), None, 2.0, dtypes=dts)
             S.smooth_backward(torch.empty(B, D, **f32), q, nb, w, 2.0)
-            # aggregation="mean" (the paper's ablation): the MEAN specialisations
             S.smooth_forward(q, buf, k, 2.0, candidates=cands, mean=True)
-            L.iscse_loss_backward(g, g, z, z, grads, (q, nb, w), 2.0, mean=True)
             S.smooth_backward(torch.empty(B, D, **f32), q, nb, w, 2.0, mean=True)
-            N.info_nce_forward(z, z, zs, 0.05)
             N.info_nce_forward(z, z, None, 0.05)
     finally:
-        for (mod, name), cap in kernels.items():
-            setattr(mod, name, cap.fn)
+        _unpatch_kernels(kernels)
     return kernels
+
+
+def _patch_kernels(record: bool = True) -> dict:
+    """Replace every ``@triton.jit`` kernel of every op module by a :class:`_Capture`; returns them by
+    ``(module, name)`` (:func:`_unpatch_kernels` puts the kernels back).
+
+    One kernel file per op (kernels/): the op modules import each other's launchers and the shared device helpers
+    (_common.merge_topk, smooth.smooth_logit_grads, ...) by name; a launcher looks its kernel up in its own module
+    at launch, so patching the module attribute suffices. ``record=False``: the captures count launches but keep
+    no reference to their arguments (which would keep every tensor a kernel saw alive)."""
+    from iscse.kernels import info_nce as N
+    from iscse.kernels import iscse_loss as L
+    from iscse.kernels import knn_topk as K
+    from iscse.kernels import smooth as S
+
+    kernels = {
+        (K, "_knn_chunk_kernel"): None, (K, "_knn_merge_kernel"): None, (S, "_smooth_fwd_kernel"): None,
+        (S, "_smooth_bwd_kernel"): None, (N, "_info_nce_rows_kernel"): None, (N, "_info_nce_cols_kernel"): None,
+        (N, "_info_nce_merge_kernel"): None, (L, "_iscse_loss_bwd_kernel"): None,
+    }
+    for mod, name in kernels:
+        kernels[(mod, name)] = _Capture(getattr(mod, name), record)
+        setattr(mod, name, kernels[(mod, name)])
+    return kernels
+
+
+def _unpatch_kernels(kernels: dict) -> None:
+    for (mod, name), cap in kernels.items():
+        setattr(mod, name, cap.fn)
 
 
 def compile_only(arch: int = 90, quick: bool = False) -> int:
@@ -234,6 +262,99 @@ def compile_only(arch: int = 90, quick: bool = False) -> int:
               f"({time.time() - t0:.1f}s) shapes={','.join(shapes_used)}")
     print(f"{len(seen)} specialisations, {failures} failed to compile, {spills} with register spills (STACK > 0)")
     return 1 if failures else 0
+
+
+# --------------------------------------------------------------------------------------------------------------
+# memory plan: the fused step's extra memory at any shape, counted on ``meta`` tensors (no GPU, no interpreter)
+# --------------------------------------------------------------------------------------------------------------
+
+def memory_plan(B: int, M: int, D: int, k: int, dtype, *, keep=None, sms: int = 132) -> dict:
+    """Peak extra memory of one Triton step, ``iscse.iscse_loss(...).backward()`` (push, ``normalize``, the fused
+    losses, the mask on ``L_s``, both input gradients), counted allocation by allocation on ``meta`` tensors with
+    the kernels' launches skipped: the launchers' own code picks the CUDA configuration of a 132-SM device (split
+    counts, chunking, rows kept or not; ``sms``: the card's SM count), so the count is what
+    ``torch.cuda.max_memory_allocated()`` minus the
+    allocation before the step would show on an H100, up to the caching allocator's rounding of each block (to
+    512 bytes or 2 MiB) and what cuBLAS or the profiler allocate. ``keep``: force the neighbour-rows policy (None:
+    the launcher's :func:`iscse.kernels.iscse_loss.keep_rows`). Returns ``peak_bytes``, ``rows_kept`` and the
+    ``largest`` allocations live at the peak (shape, dtype, bytes)."""
+    import torch
+    from torch.multiprocessing.reductions import StorageWeakRef
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    import iscse
+    from iscse.backends import triton_fused as T
+    from iscse.kernels import _common as C
+    from iscse.kernels import iscse_loss as L
+    from iscse.kernels import knn_topk as K
+
+    class Count(TorchDispatchMode):
+        """Bytes of the storages created inside the mode that are still alive; outputs that alias an input (views,
+        in-place results) are not new."""
+
+        def __init__(self):
+            super().__init__()
+            self.live, self.current, self.peak, self.at_peak = {}, 0, 0, []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for key, (ref, n, _) in list(self.live.items()):
+                if ref.expired():
+                    del self.live[key]
+                    self.current -= n
+            inputs = {t.untyped_storage()._cdata for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+            for t in tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    st = t.untyped_storage()
+                    if st._cdata not in inputs and st._cdata not in self.live:
+                        self.live[st._cdata] = (StorageWeakRef(st), st.nbytes(), (tuple(t.shape), str(t.dtype)))
+                        self.current += st.nbytes()
+            if self.current > self.peak:
+                self.peak = self.current
+                self.at_peak = sorted((v[1], v[2]) for v in self.live.values())[::-1]
+            return out
+
+    kernels = _patch_kernels(record=False)
+    saved = (T._check, L.KEEP_ROWS_MAX_BYTES, C.ASSUMED_SMS)
+    T._check = lambda **tensors: None  # the launchers run on meta tensors: no device check
+    C.ASSUMED_SMS = sms
+    K._knn_config_cached.cache_clear()  # cached per device, and meta stands for any card here
+    if keep is not None:
+        L.KEEP_ROWS_MAX_BYTES = 2**62 if keep else -1
+    try:
+        meta = torch.device("meta")
+        buf = iscse.MemoryBuffer(M, D, dtype=dtype, device=meta)
+        buf.written = M  # full: smoothing on
+        z1 = torch.empty(B, D, device=meta, dtype=dtype, requires_grad=True)
+        z2 = torch.empty(B, D, device=meta, dtype=dtype, requires_grad=True)
+        with Count() as count:
+            iscse.iscse_loss(z1, z2, buf, k=k, backend="triton", check_finite=False).backward()
+        kept = L.keep_rows(B, k, D, dtype)
+    finally:
+        T._check, L.KEEP_ROWS_MAX_BYTES, C.ASSUMED_SMS = saved
+        K._knn_config_cached.cache_clear()
+        _unpatch_kernels(kernels)
+    return dict(shape=[B, M, D, k], dtype=str(dtype).replace("torch.", ""), peak_bytes=count.peak,
+                rows_kept=kept if keep is None else keep,
+                largest=[dict(shape=list(s), dtype=d, bytes=n) for n, (s, d) in count.at_peak[:6]])
+
+
+def print_memory_plan(shapes) -> int:
+    """``--memory``: :func:`memory_plan` at ``shapes`` in fp32 and bf16, rows kept and dropped."""
+    import torch
+
+    print(f"{'B x M x D x k':>22} {'dtype':>9} {'rows':>16} {'peak MiB':>9}  largest live at the peak (MiB)")
+    for (B, M, D, k) in shapes:
+        for dt in (torch.float32, torch.bfloat16):
+            for keep in (None, True, False):
+                r = memory_plan(B, M, D, k, dt, keep=keep)
+                policy = ("default " if keep is None else "") + ("kept" if r["rows_kept"] else "dropped")
+                big = ", ".join(f"{'x'.join(map(str, a['shape']))} {a['dtype'].replace('torch.', '')}"
+                                f" {a['bytes'] / 2**20:.1f}" for a in r["largest"][:4])
+                print(f"{'x'.join(map(str, (B, M, D, k))):>22} {r['dtype']:>9} {policy:>16} "
+                      f"{r['peak_bytes'] / 2**20:>9.1f}  {big}")
+    return 0
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -872,6 +993,8 @@ def main(argv=None) -> int:
     ap.add_argument("--compile-only", action="store_true", help="compile the kernels for --arch, no GPU needed")
     ap.add_argument("--arch", type=int, default=90, help="compute capability for --compile-only (90: H100/H200)")
     ap.add_argument("--quick", action="store_true", help="--compile-only at two shapes only")
+    ap.add_argument("--memory", action="store_true", help="print the Triton step's peak extra memory at --shapes "
+                    "(default: the benchmark shapes), counted on meta tensors; no GPU needed")
     ap.add_argument("--cpu-smoke", "--dry-run", dest="cpu_smoke", action="store_true",
                     help="tiny shapes on CPU under TRITON_INTERPRET=1 (torch.compile with its eager backend)")
     ap.add_argument("--compile-backend", default=None, help=argparse.SUPPRESS)
@@ -884,6 +1007,13 @@ def main(argv=None) -> int:
             print("--compile-only: TRITON_INTERPRET=1 is set; unset it")
             return 1
         return compile_only(args.arch, args.quick)
+    if args.memory:
+        try:
+            shapes = parse_shapes(args.shapes) if args.shapes else SHAPES
+        except ValueError as exc:
+            print(f"gpu_bench.py: error: {exc}", file=sys.stderr)
+            return 2
+        return print_memory_plan(shapes)
     try:
         shapes = parse_shapes(args.shapes) if args.shapes else (SMOKE_SHAPES if args.cpu_smoke else PLAN_SHAPES)
         impls = parse_choices(args.impls, IMPLS, "--impls")

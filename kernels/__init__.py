@@ -13,8 +13,9 @@ Modules:
   ``smooth_backward``; the softmax-backward device helpers the fused loss reuses);
 - :mod:`~iscse.kernels.info_nce`: dual InfoNCE with its gradients, a row pass and a column pass, each split over
   programs, and a merge (``info_nce_forward``, ``info_nce_config``);
-- :mod:`~iscse.kernels.iscse_loss`: the fused IS-CSE loss, forward (the three ops above in a row) and its one-launch
-  backward (``iscse_loss_forward``, ``iscse_loss_backward``);
+- :mod:`~iscse.kernels.iscse_loss`: the fused IS-CSE loss, forward (the three ops above in a row; where the
+  neighbour rows are too large to keep, plus the smooth part of the backward) and its one-launch backward
+  (``iscse_loss_forward``, ``iscse_loss_backward``, ``keep_rows``);
 - :mod:`~iscse.kernels._common`: shared helpers only (``k_pad``, ``fp32_dot_precision``, ``merge_block``,
   ``row_block_d``, ``num_sms``; the device function ``merge_topk``).
 

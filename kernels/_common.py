@@ -39,10 +39,14 @@ def row_block_d(dim: int, device: torch.device) -> int:
     return max(16, min(128 if device.type == "cpu" else 64, triton.next_power_of_2(dim)))
 
 
+#: SM count assumed for a non-CUDA device (``meta`` tensors in the compile and memory checks): an H100 SXM's.
+ASSUMED_SMS = 132
+
+
 def num_sms(device: torch.device) -> int:
-    """Streaming multiprocessors of ``device`` (132 for a non-CUDA device, e.g. ``meta`` in compile checks)."""
+    """Streaming multiprocessors of ``device`` (:data:`ASSUMED_SMS` for a non-CUDA device, e.g. ``meta``)."""
     if device.type != "cuda":
-        return 132
+        return ASSUMED_SMS
     return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 

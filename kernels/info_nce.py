@@ -37,21 +37,24 @@ Every reduction runs in a fixed order, so results are bit-identical run to run. 
 time. Within a program the accumulators in global memory are read back by other threads of it (load and store
 layouts differ), so a ``tl.debug_barrier()`` (CTA barrier) separates each tile's stores from the next tile's loads.
 
-Split count (run time, :func:`info_nce_config`): two programs per SM of the device (``2 x multi_processor_count``)
-with 16-row (16-column) blocks, i.e. ``S = cdiv(2 SMs, cdiv(B, 16))``, at most the number of tiles, at most 16,
-and at most what keeps the partial accumulators of one pass within 32 MiB (``(S - 1) B D x 4 bytes x`` one or two
-losses). The split tile (``ROWS_N`` / ``COLS_M``) is 32 when that still gives ``S`` tiles, else 16. On a 132-SM
-H100 with both losses: B = 64, D = 768 (the paper): 4 blocks x 4 splits (one 16-wide tile each) = 16 programs per
-pass (4 before), 96 merge programs; B = 512, D = 1024: 32 x 9 = 288 programs per pass (32 before; 16 tiles of 32
-over 9 splits), 512 merge programs; B = 1024, D = 768: 64 x 5 = 320 per pass. At (512, 1024) 288 programs of at
-most 168 registers (three 4-warp programs per SM) are all resident at once.
+Split count (run time, :func:`info_nce_config`): about two programs per SM of the device
+(``2 x multi_processor_count``) with 16-row (16-column) blocks, i.e. ``S = 2 SMs / cdiv(B, 16)`` rounded to the
+nearest integer (not up: at B = 1024 that is 4 splits, not 5, and 25% less partial memory), at least 1, at most
+the number of tiles, at most 16, and at most what keeps the partial accumulators of one pass within 32 MiB
+(``(S - 1) B D x 4 bytes x`` one or two losses). The split tile (``ROWS_N`` / ``COLS_M``) is 32 when that still
+gives ``S`` tiles, else 16. On a 132-SM H100 with both losses: B = 64, D = 768 (the paper): 4 blocks x 4 splits
+(one 16-wide tile each) = 16 programs per pass (4 before the split design), 96 merge programs; B = 512, D = 1024:
+32 x 8 = 256 programs per pass (16 tiles of 32, two per split), 512 merge programs; B = 1024, D = 768: 64 x 4 =
+256 per pass (eight tiles of 32 per split). 256 programs of at most 168 registers (three 4-warp programs per SM)
+are all resident at once.
 
 Costs: three launches (two before), so the fused IS-CSE step (kNN, aggregation, these three, one backward) is six
 launches, four without smoothing. Extra memory: ``(ROW_SPLITS - 1 + COL_SPLITS - 1) B D`` fp32 per loss plus
-``(11 ROW_SPLITS + 2 COL_SPLITS) B`` fp32 statistics, at most 2 x 32 MiB: 2.25 MiB at (64, 768), 64 MiB at
-(512, 1024), 48 MiB at (1024, 768), 45 MiB at (256, 768); none with one split. Traffic: each partial is written
-once and read once, no more than the read-modify-write of ``u`` / ``v`` per tile that the single-program-per-block
-design already did. FLOPs as before: the cosine tiles are computed twice (once per pass).
+``(11 ROW_SPLITS + 2 COL_SPLITS) B`` fp32 statistics, at most 2 x 32 MiB: 2.25 MiB at (64, 768), 56 MiB at
+(512, 1024), 36 MiB at (1024, 768), 45 MiB at (256, 768); none with one split (``bench/gpu_bench.py --memory``
+counts the whole step's). Traffic: each partial is written once and read once, no more than the
+read-modify-write of ``u`` / ``v`` per tile that the single-program-per-block design already did. FLOPs as
+before: the cosine tiles are computed twice (once per pass).
 
 Precision: tiles are loaded in the input dtype and upcast to fp32; every ``tl.dot`` is fp32 x fp32 with
 ``input_precision="tf32x3"`` (three TF32 products, about fp32 accuracy: the loss and gradients stay within ~1e-5
@@ -437,6 +440,12 @@ def _info_nce_merge_kernel(
         tl.store(LOSS_S, tl.sum(acc2, axis=0) * inv_b)
 
 
+def _per_block(target: int, blocks: int) -> int:
+    """Splits per block for about ``target`` programs: ``target / blocks`` rounded to the nearest integer, at least 1
+    (rounded up, 2 SMs x 132 over 64 blocks would be 5 splits, 320 programs, and 25% more partial memory than 4)."""
+    return max(1, (2 * target + blocks) // (2 * blocks))
+
+
 def _split_tile(batch: int, want: int, tiles=(64, 32, 16)) -> int:
     """The widest tile that still cuts ``batch`` into at least ``want`` tiles (the narrowest if none does)."""
     for tile in tiles:
@@ -472,7 +481,7 @@ def info_nce_config(batch: int, dim: int, device: torch.device, *, has_z: bool =
         sms = num_sms(device)
         target = 2 * sms
         cap = max(1, min(_MAX_SPLITS, 1 + _PARTIAL_BYTES // max(1, batch * dim * 4 * n_acc)))
-        want = min(cap, triton.cdiv(target, triton.cdiv(batch, 16)))
+        want = min(cap, _per_block(target, triton.cdiv(batch, 16)))
         tile = _split_tile(batch, want, (32, 16))
         # Registers (module docstring): at most 168 per thread (three 4-warp programs per SM), which without spills
         # needs 16-wide feature steps for fp32 inputs and no pipelining for 16-bit ones.
@@ -484,7 +493,7 @@ def info_nce_config(batch: int, dim: int, device: torch.device, *, has_z: bool =
     for splits, block, tile_key in (("ROW_SPLITS", "ROWS_M", "ROWS_N"), ("COL_SPLITS", "COLS_N", "COLS_M")):
         tiles = triton.cdiv(batch, cfg[tile_key])
         if cfg[splits] is None:
-            cfg[splits] = min(cap, triton.cdiv(target, triton.cdiv(batch, cfg[block])))
+            cfg[splits] = min(cap, _per_block(target, triton.cdiv(batch, cfg[block])))
         cfg[splits] = max(1, min(int(cfg[splits]), tiles))
     if cfg["MERGE_D"] is None:
         if device.type == "cpu":

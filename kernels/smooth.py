@@ -16,7 +16,8 @@ Backward (``_smooth_bwd_kernel``), one program per row, the same math as
 (``(B, k, D)`` in the buffer's dtype, as the torch backend saves them) while it reads them for ``z*``, so the
 backward needs nothing from the buffer: pushing to the buffer between a loss and its backward (two losses before one
 backward, gradient accumulation) is fine, as with the torch backend. The extra write is ``B k D`` elements, small
-next to the kNN's ``M D``. The softmax backward and the ``grad q`` row are ``@triton.jit`` helpers
+next to the kNN's ``M D``; the fused loss skips it where it is large (``save_rows=False``, ``NB`` None: see
+:mod:`iscse.kernels.iscse_loss`). The softmax backward and the ``grad q`` row are ``@triton.jit`` helpers
 (:func:`smooth_logit_grads`, :func:`smooth_grad_q`) that the fused IS-CSE loss's backward kernel
 (:mod:`iscse.kernels.iscse_loss`) calls too, so the math exists once.
 
@@ -56,7 +57,8 @@ def _smooth_fwd_kernel(
     K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
     MERGE: tl.constexpr, SINGLE: tl.constexpr, USE_VALS: tl.constexpr, MEAN: tl.constexpr,
 ):
-    """Per query row: (merge candidates,) gather the k rows, softmax weights, ``z*``; saves the rows to ``NB``."""
+    """Per query row: (merge candidates,) gather the k rows, softmax weights, ``z*``; saves the rows to ``NB``
+    unless it is None."""
     row = tl.program_id(0)
     kk = tl.arange(0, K_PAD)
     k_mask = kk < K
@@ -100,7 +102,8 @@ def _smooth_fwd_kernel(
         q = tl.load(Q + row * stride_qb + d * stride_qd, mask=d_mask, other=0.0).to(tl.float32)
         nb_mask = k_mask[:, None] & d_mask[None, :]
         nb = tl.load(BUF + nb_off + d[None, :] * stride_md, mask=nb_mask, other=0.0)
-        tl.store(NB + row * stride_nbb + kk[:, None] * stride_nbk + d[None, :], nb, mask=nb_mask)
+        if NB is not None:
+            tl.store(NB + row * stride_nbb + kk[:, None] * stride_nbk + d[None, :], nb, mask=nb_mask)
         z = w0 * q + tl.sum(w[:, None] * nb.to(tl.float32), axis=0)
         tl.store(ZSTAR + row * stride_zb + d, z, mask=d_mask)
 
@@ -170,7 +173,8 @@ def _smooth_bwd_kernel(
 
 def smooth_forward(q: torch.Tensor, storage: torch.Tensor, k: int, attn_temperature: float, *,
                    candidates: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
-                   idx: Optional[torch.Tensor] = None, vals: Optional[torch.Tensor] = None, mean: bool = False):
+                   idx: Optional[torch.Tensor] = None, vals: Optional[torch.Tensor] = None, mean: bool = False,
+                   save_rows: bool = True):
     """Launch ``_smooth_fwd_kernel`` (one program per row).
 
     ``q`` ``(B, D)`` (fp32/bf16/fp16), ``storage`` ``(M, D)``; neighbours from exactly one of ``candidates`` (the
@@ -178,7 +182,8 @@ def smooth_forward(q: torch.Tensor, storage: torch.Tensor, k: int, attn_temperat
     ``(B, k)`` slots). ``vals`` (``(B, k)``, with ``idx``): use these as the neighbour logits instead of the exact dot
     products. ``mean``: uniform weights ``1 / (k + 1)`` (mean aggregation). Returns ``(z_star, w, idx, dots, nb)``:
     fp32 ``(B, D)``, fp32 ``(B, k + 1)`` (column 0 the self weight), int64 ``(B, k)``, fp32 ``(B, k)`` (the logits'
-    dot products used) and the neighbour rows ``(B, k, D)`` in the buffer's dtype (for backward).
+    dot products used) and the neighbour rows ``(B, k, D)`` in the buffer's dtype (for backward), or None with
+    ``save_rows=False`` (the fused loss's low-memory path, which needs no rows after its forward).
     """
     batch, dim = q.shape
     kp = k_pad(k)
@@ -187,7 +192,7 @@ def smooth_forward(q: torch.Tensor, storage: torch.Tensor, k: int, attn_temperat
     w = torch.empty(batch, k + 1, device=dev, dtype=torch.float32)
     idx_out = torch.empty(batch, k, device=dev, dtype=torch.int64)
     dots = torch.empty(batch, k, device=dev, dtype=torch.float32)
-    nb = torch.empty(batch, k, dim, device=dev, dtype=storage.dtype)
+    nb = torch.empty(batch, k, dim, device=dev, dtype=storage.dtype) if save_rows else None
     merge = candidates is not None
     if merge:
         cand_v, cand_i = candidates
@@ -206,7 +211,7 @@ def smooth_forward(q: torch.Tensor, storage: torch.Tensor, k: int, attn_temperat
         q, storage, cand_v, cand_i, vals_in, z_star, w, idx_out, dots, nb,
         dim, n_cand, 1.0 / attn_temperature,
         q.stride(0), q.stride(1), storage.stride(0), storage.stride(1), stride_c, vals_in.stride(0),
-        z_star.stride(0), w.stride(0), idx_out.stride(0), dots.stride(0), nb.stride(0), nb.stride(1),
+        z_star.stride(0), w.stride(0), idx_out.stride(0), dots.stride(0), *(nb.stride()[:2] if save_rows else (0, 0)),
         K=k, K_PAD=kp, BLOCK_C=block_c, BLOCK_D=row_block_d(dim, dev), MERGE=merge, SINGLE=n_cand <= block_c,
         USE_VALS=use_vals, MEAN=bool(mean), num_warps=4,
     )

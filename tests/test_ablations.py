@@ -269,8 +269,14 @@ def _device():
     (3, 10, 20, 7, 5, None),   # M = B + k
     (4, 13, 13, 2, 6, "torch"),  # neighbours from another backend (the idx path of the kernel)
 ])
-def test_triton_mean_matches_reference(B, M, D, k, steps, knn_backend):
+@pytest.mark.parametrize("keep", [True, False], ids=["rows kept", "rows dropped"])
+def test_triton_mean_matches_reference(B, M, D, k, steps, knn_backend, keep, monkeypatch):
     _triton_ops()
+    from iscse.kernels import iscse_loss as L
+
+    # Both ways the fused forward treats the neighbour rows (kernels/iscse_loss.py: kept, or dropped after the
+    # smooth part of grad z2 is made in forward).
+    monkeypatch.setattr(L, "KEEP_ROWS_MAX_BYTES", 2**62 if keep else -1)
     dev = _device()
     buf = iscse.MemoryBuffer(M, D, device=dev)
     lbuf = R.new_buffer(M, D, dtype=F64)

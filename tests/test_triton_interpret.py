@@ -36,6 +36,16 @@ REPO = Path(__file__).resolve().parents[1]
 RTOL = 1e-4  # fp32 kernels against the float64 reference
 
 
+@pytest.fixture(params=["rows kept", "rows dropped"])
+def rows(request, monkeypatch):
+    """Both ways the fused forward treats the neighbour rows (kernels/iscse_loss.py): kept for the backward (the
+    default at these tiny shapes) or dropped, with the smooth part of grad z2 made in forward."""
+    from iscse.kernels import iscse_loss as L
+
+    monkeypatch.setattr(L, "KEEP_ROWS_MAX_BYTES", 2**62 if request.param == "rows kept" else -1)
+    return request.param
+
+
 def _steps(B, M, D, k, steps, *, knn_backend=None):
     """Run ``steps`` IS-CSE steps with the Triton backend and with the float64 reference; compare every step."""
     buf = iscse.MemoryBuffer(M, D)
@@ -78,12 +88,12 @@ def _steps(B, M, D, k, steps, *, knn_backend=None):
     (5, 69, 13, 64, 14),    # k = 64
     (1, 20, 96, 7, 21),     # B = 1, D = 96
 ])
-def test_iscse_loss_matches_reference(B, M, D, k, steps):
+def test_iscse_loss_matches_reference(B, M, D, k, steps, rows):
     """Loss, both components, both input gradients and the buffer, step after step (buffer filling, then full)."""
     assert _steps(B, M, D, k, steps) >= 1
 
 
-def test_knn_backend_other_than_triton():
+def test_knn_backend_other_than_triton(rows):
     """``knn_backend="torch"``: neighbours from torch, aggregation and loss from Triton; same numbers."""
     assert _steps(5, 13, 13, 7, 4, knn_backend="torch") >= 1
 
@@ -235,9 +245,10 @@ def test_info_nce_forward_deterministic_with_splits():
 
 
 def test_info_nce_config_fills_the_device():
-    """The CUDA split rule (evaluated for a 132-SM device: ``meta`` tensors stand in): two programs per SM at
-    (B, D) = (512, 1024), every 16-wide tile its own program at the paper's (64, 768), split counts never above the
-    tile count, and the partial buffers of one pass within their memory bound."""
+    """The CUDA split rule (evaluated for a 132-SM device: ``meta`` tensors stand in): about two programs per SM
+    at (B, D) = (512, 1024) and (1024, 768) (splits per block rounded to the nearest integer: 8 and 4), every
+    16-wide tile its own program at the paper's (64, 768), split counts never above the tile count, and the partial
+    buffers of one pass within their memory bound."""
     from iscse.kernels.info_nce import _PARTIAL_BYTES, info_nce_config
 
     meta = torch.device("meta")
@@ -247,8 +258,9 @@ def test_info_nce_config_fills_the_device():
             blocks, tiles = -(-B // cfg[block]), -(-B // cfg[tile])
             assert 1 <= cfg[splits] <= tiles
             assert (cfg[splits] - 1) * B * D * 4 * 2 <= _PARTIAL_BYTES
-            if (B, D) == (512, 1024):
-                assert blocks * cfg[splits] >= 2 * 132
+            if (B, D) in ((512, 1024), (1024, 768)):
+                assert abs(blocks * cfg[splits] - 2 * 132) <= blocks / 2
+                assert cfg[splits] == {512: 8, 1024: 4}[B]
             if (B, D) == (64, 768):
                 assert blocks * cfg[splits] == 16 and cfg[tile] == 16
 
@@ -269,9 +281,9 @@ def test_losses_without_smoothing_returns_zero():
     assert_rel_close(z2.grad, d2.grad, RTOL, "grad z2")
 
 
-def test_two_losses_before_one_backward():
+def test_two_losses_before_one_backward(rows):
     """Pushing again before the backward (gradient accumulation) is fine: the neighbour rows are kept, as in the
-    torch backend, which this is compared with in float64."""
+    torch backend, which this is compared with in float64, or everything that needs them is done in forward."""
     B, M, D, k = 5, 12, 13, 3
     rows = torch.nn.functional.normalize(torch.randn(M, D), dim=1)
     zs = [torch.randn(B, D) for _ in range(4)]
@@ -289,7 +301,7 @@ def test_two_losses_before_one_backward():
         assert_rel_close(a, b, RTOL, f"grad of input {i}")
 
 
-def test_deterministic_and_low_precision():
+def test_deterministic_and_low_precision(rows):
     """Bit-identical results run to run (no atomics); bf16 inputs and buffer give fp32 losses and bf16 grads close
     to an fp32 run on the same rounded values."""
     B, M, D, k = 9, 20, 24, 5
@@ -309,6 +321,38 @@ def test_deterministic_and_low_precision():
     assert all(torch.equal(x, y) for x, y in zip(results[0], results[1]))
     for x, y in zip(results[0], results[2]):
         assert rel_err(x.float(), y) < 5e-2
+
+
+@pytest.mark.parametrize("grad_of", ["z1", "z2", "L_cl", "L_s"])
+def test_partial_gradients(grad_of, rows):
+    """Only one input requiring grad, or a gradient reaching only one component: the gradients that exist equal the
+    torch backend's in float64 (rows dropped: the forward skips the smooth part of grad z2 when z2 needs none)."""
+    B, M, D, k = 6, 15, 13, 4
+    rows_ = torch.nn.functional.normalize(torch.randn(M, D), dim=1)
+    zs = [torch.randn(B, D) for _ in range(2)]
+    grads = {}
+    for backend, dtype in (("triton", torch.float32), ("torch", torch.float64)):
+        buf = iscse.MemoryBuffer(M, D, dtype=dtype)
+        buf.storage.copy_(rows_.to(dtype))
+        buf.written = M
+        leaves = [z.to(dtype).clone().requires_grad_(grad_of != ("z2", "z1")[i]) for i, z in enumerate(zs)]
+        out = iscse.iscse_loss(*leaves, buf, k=k, backend=backend, return_components=True)
+        target = {"L_cl": out.contrastive, "L_s": 3.0 * out.smooth}.get(grad_of, out.contrastive + 2.0 * out.smooth)
+        target.backward()
+        grads[backend] = [t.grad for t in leaves]
+    for i, (a, b) in enumerate(zip(grads["triton"], grads["torch"])):
+        assert (a is None) == (b is None), f"input {i}"
+        if a is not None:
+            assert_rel_close(a, b, RTOL, f"grad of input {i} ({grad_of})")
+
+
+def test_rows_policy():
+    """The neighbour rows are kept at the paper's shape and dropped from (512, 16, 1024) bf16 up."""
+    from iscse.kernels.iscse_loss import keep_rows
+
+    assert keep_rows(64, 16, 768, torch.float32)
+    assert not keep_rows(512, 16, 1024, torch.bfloat16)
+    assert not keep_rows(1024, 16, 768, torch.float32)
 
 
 def test_errors():

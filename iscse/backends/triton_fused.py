@@ -26,7 +26,8 @@ fp32/bf16/fp16 (float64 raises ``TypeError``: use ``backend="torch"``); ``1 <= k
 their strides; nothing is copied except a non-contiguous ``idx`` or ``grad z*`` (and, in the interpreter only, a
 query of another dtype than the buffer). Losses are fp32 scalars, ``z*`` fp32, gradients in
 the inputs' dtypes. The forward keeps the gathered neighbour rows (``B x k x D``, buffer dtype) for backward, as
-the torch backend does, so the buffer may be pushed to again before the backward. ``aggregation="mean"`` (the
+the torch backend does, or, where they are large, finishes in forward everything that reads them; either way the
+buffer may be pushed to again before the backward. ``aggregation="mean"`` (the
 paper's ablation) is a ``MEAN`` constexpr of the smooth kernels (uniform weights ``1 / (k + 1)``); ``grouping="pddp"``
 has no Triton version (:func:`iscse.iscse_loss` routes it to :mod:`iscse.pddp`).
 """
@@ -149,13 +150,16 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float = 0.05) -> tor
 
 class ISCSELossFunction(torch.autograd.Function):
     """``(L_cl, L_s)`` of one IS-CSE step, fused: forward :func:`iscse.kernels.iscse_loss.iscse_loss_forward`
-    (five launches), backward :func:`iscse.kernels.iscse_loss.iscse_loss_backward` (one launch).
+    (five launches, six when it drops the neighbour rows), backward
+    :func:`iscse.kernels.iscse_loss.iscse_loss_backward` (one launch).
 
     ``forward(z1, z2, q2, storage, self_slots, idx, k, temperature, attn_temperature, smooth, mean)``: ``z1``, ``z2``
     ``(B, D)``; ``q2 = normalize(z2)`` (a value only: its gradient is folded into ``z2``'s inside the kernel);
     ``storage`` ``(M, D)``; ``self_slots`` int64 ``(B,)``; ``idx``: neighbour slots from another backend, or None to
     run the Triton kNN; ``mean``: mean aggregation instead of attention. Returns two 0-dim fp32 tensors (``L_s``
     is 0 when ``smooth`` is False); backward gets a gradient for each and scales each component by its own.
+    Saved for backward: the four ``(B, D)`` fp32 gradients, plus ``z2``, ``q2``, the weights and the ``B x k x D``
+    neighbour rows when those are small enough to keep (:func:`iscse.kernels.iscse_loss.keep_rows`).
     """
 
     @staticmethod
@@ -163,16 +167,15 @@ class ISCSELossFunction(torch.autograd.Function):
                 smooth: bool, mean: bool = False):
         ctx.set_materialize_grads(False)
         z1, z2, q2 = z1.detach(), z2.detach(), q2.detach()
-        loss_cl, loss_s, (gx1, gy, gx2, gz), state = _loss.iscse_loss_forward(
-            z1, z2, q2, storage, self_slots, k, temperature, attn_temperature, idx=idx, smooth=smooth, mean=mean)
+        loss_cl, loss_s, grads, state = _loss.iscse_loss_forward(
+            z1, z2, q2, storage, self_slots, k, temperature, attn_temperature, idx=idx, smooth=smooth, mean=mean,
+            grad_z2=ctx.needs_input_grad[1])
         ctx.smooth = smooth
         ctx.attn_temperature = attn_temperature
         ctx.mean = mean
-        if smooth:
-            q2, nb, w = state
-            ctx.save_for_backward(z1, z2, q2, nb, w, gx1, gy, gx2, gz)
-        else:
-            ctx.save_for_backward(z1, z2, gx1, gy)
+        ctx.kept = state is not None
+        ctx.dtypes = (z1.dtype, z2.dtype)
+        ctx.save_for_backward(*grads, *(state or ()))
         return loss_cl, loss_s
 
     @staticmethod
@@ -181,17 +184,13 @@ class ISCSELossFunction(torch.autograd.Function):
         if g_cl is None and g_s is None:
             return (None, None) + none
         saved = ctx.saved_tensors
-        if ctx.smooth:
-            z1, z2, q2, nb, w, gx1, gy, gx2, gz = saved
-            state = (q2, nb, w)
-        else:
-            z1, z2, gx1, gy = saved
-            gx2 = gz = state = None
+        state = saved[4:] if ctx.kept else None
+        if not ctx.smooth:
             g_s = None
         g_cl = g_cl.float() if g_cl is not None else None
         g_s = g_s.float() if g_s is not None else None
-        grad_z1, grad_z2 = _loss.iscse_loss_backward(g_cl, g_s, z1, z2, (gx1, gy, gx2, gz), state,
-                                                     ctx.attn_temperature, ctx.mean)
+        grad_z1, grad_z2 = _loss.iscse_loss_backward(g_cl, g_s, saved[:4], state, ctx.attn_temperature, ctx.mean,
+                                                     dtypes=ctx.dtypes)
         return (grad_z1 if ctx.needs_input_grad[0] else None, grad_z2 if ctx.needs_input_grad[1] else None) + none
 
 
