@@ -37,8 +37,9 @@ Other modes (no GPU needed):
 - ``--cpu-smoke`` (or ``--dry-run``): the whole driver, worker processes and time bounds included, on tiny shapes on
   CPU with ``TRITON_INTERPRET=1`` (wall-clock timing instead of do_bench, no profiler counts, no CUDA graph,
   ``torch.compile`` with its ``eager`` backend): checks the script end to end before a GPU run.
-- ``--memory``: the Triton step's peak extra memory at each shape (fp32 and bf16; neighbour rows kept and
-  dropped), counted allocation by allocation on ``meta`` tensors (:func:`memory_plan`).
+- ``--memory``: the Triton step's peak extra memory at each shape (fp32 and bf16; gradients made in backward from
+  what the forward held, and in forward), counted allocation by allocation on ``meta`` tensors
+  (:func:`memory_plan`).
 - ``--list``: print the plan (items and their time limits) and exit.
 
 Exit status: 0 when every item was measured, 3 when the budget ran out before the last items (the others were
@@ -151,22 +152,23 @@ def _launch_all_for_compile(shapes):
             S.smooth_forward(q, buf, k, 2.0, idx=idx)
             f32 = dict(device=meta, dtype=torch.float32)
             g = torch.empty((), **f32)
-            grads = tuple(torch.empty(B, D, **f32) for _ in range(4))
             dts = (dt, dt)
-            # The fused loss's forward, rows kept and dropped (the kNN, smooth, InfoNCE launches again, plus the
-            # smooth part of grad z2 made in forward), then its backward in each case and with one gradient absent.
-            for keep in (True, False):
+            # The fused loss: forward holding for the backward and forward making the gradients (its gradients
+            # kernel reads the rows from the buffer), with attention and mean aggregation, neighbours from the
+            # Triton kNN or given; without smoothing; then the backward of each state, also with one factor absent.
+            for hold in (True, False):
                 for mean in (False, True):  # aggregation="mean" (the paper's ablation): the MEAN specialisations
-                    L.iscse_loss_forward(z, z, q, buf, slots, k, 0.05, 2.0, keep=keep, mean=mean)
-            L.iscse_loss_forward(z, z, q, buf, slots, k, 0.05, 2.0, idx=idx, keep=False)
-            L.iscse_loss_backward(g, g, grads, (z, q, nb, w), 2.0, dtypes=dts)
-            L.iscse_loss_backward(g, g, grads, (z, q, nb, w), 2.0, mean=True, dtypes=dts)
-            L.iscse_loss_backward(g, g, grads, None, 2.0, dtypes=dts)
-            L.iscse_loss_backward(None, g, grads, None, 2.0, dtypes=dts)
-            L.iscse_loss_backward(g, None, (grads[0], grads[1], None, None), None, 2.0, dtypes=dts)
+                    _, _, st = L.iscse_loss_forward(z, z, q, buf, slots, k, 0.05, 2.0, hold=hold, mean=mean)
+                    L.iscse_loss_backward(g, g, st, 2.0, mean=mean, dtypes=dts)
+                    L.iscse_loss_backward(None, g, st, 2.0, mean=mean, dtypes=dts)
+                    L.iscse_loss_backward(g, None, st, 2.0, mean=mean, dtypes=dts)
+                _, _, st = L.iscse_loss_forward(z, z, q, buf, slots, k, 0.05, 2.0, idx=idx, hold=hold)
+                _, _, st = L.iscse_loss_forward(z, z, q, buf, slots, k, 0.05, 2.0, smooth=False, hold=hold)
+                L.iscse_loss_backward(g, None, st, 2.0, dtypes=dts)
             S.smooth_backward(torch.empty(B, D, **f32), q, nb, w, 2.0)
             S.smooth_forward(q, buf, k, 2.0, candidates=cands, mean=True)
             S.smooth_backward(torch.empty(B, D, **f32), q, nb, w, 2.0, mean=True)
+            N.info_nce_forward(z, z, zs, 0.05)
             N.info_nce_forward(z, z, None, 0.05)
     finally:
         _unpatch_kernels(kernels)
@@ -189,7 +191,7 @@ def _patch_kernels(record: bool = True) -> dict:
     kernels = {
         (K, "_knn_chunk_kernel"): None, (K, "_knn_merge_kernel"): None, (S, "_smooth_fwd_kernel"): None,
         (S, "_smooth_bwd_kernel"): None, (N, "_info_nce_rows_kernel"): None, (N, "_info_nce_cols_kernel"): None,
-        (N, "_info_nce_merge_kernel"): None, (L, "_iscse_loss_bwd_kernel"): None,
+        (N, "_info_nce_grads_kernel"): None, (L, "_iscse_loss_scale_kernel"): None,
     }
     for mod, name in kernels:
         kernels[(mod, name)] = _Capture(getattr(mod, name), record)
@@ -268,16 +270,16 @@ def compile_only(arch: int = 90, quick: bool = False) -> int:
 # memory plan: the fused step's extra memory at any shape, counted on ``meta`` tensors (no GPU, no interpreter)
 # --------------------------------------------------------------------------------------------------------------
 
-def memory_plan(B: int, M: int, D: int, k: int, dtype, *, keep=None, sms: int = 132) -> dict:
+def memory_plan(B: int, M: int, D: int, k: int, dtype, *, hold=None, sms: int = 132) -> dict:
     """Peak extra memory of one Triton step, ``iscse.iscse_loss(...).backward()`` (push, ``normalize``, the fused
     losses, the mask on ``L_s``, both input gradients), counted allocation by allocation on ``meta`` tensors with
     the kernels' launches skipped: the launchers' own code picks the CUDA configuration of a 132-SM device (split
-    counts, chunking, rows kept or not; ``sms``: the card's SM count), so the count is what
-    ``torch.cuda.max_memory_allocated()`` minus the
-    allocation before the step would show on an H100, up to the caching allocator's rounding of each block (to
-    512 bytes or 2 MiB) and what cuBLAS or the profiler allocate. ``keep``: force the neighbour-rows policy (None:
-    the launcher's :func:`iscse.kernels.iscse_loss.keep_rows`). Returns ``peak_bytes``, ``rows_kept`` and the
-    ``largest`` allocations live at the peak (shape, dtype, bytes)."""
+    counts, chunking, what the forward holds for the backward; ``sms``: the card's SM count), so the count is what
+    ``torch.cuda.max_memory_allocated()`` minus the allocation before the step would show on a card, up to the
+    caching allocator's rounding of each block and what cuBLAS or the profiler allocate. ``hold``: force where the
+    gradients are made (True: in backward, from what the forward held; False: in forward; None: the launcher's
+    :func:`iscse.kernels.iscse_loss.hold_for_backward`). Returns ``peak_bytes``, ``held`` and the ``largest``
+    allocations live at the peak (shape, dtype, bytes)."""
     import torch
     from torch.multiprocessing.reductions import StorageWeakRef
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -316,12 +318,12 @@ def memory_plan(B: int, M: int, D: int, k: int, dtype, *, keep=None, sms: int = 
             return out
 
     kernels = _patch_kernels(record=False)
-    saved = (T._check, L.KEEP_ROWS_MAX_BYTES, C.ASSUMED_SMS)
+    saved = (T._check, L.HOLD_MAX_BYTES, C.ASSUMED_SMS)
     T._check = lambda **tensors: None  # the launchers run on meta tensors: no device check
     C.ASSUMED_SMS = sms
     K._knn_config_cached.cache_clear()  # cached per device, and meta stands for any card here
-    if keep is not None:
-        L.KEEP_ROWS_MAX_BYTES = 2**62 if keep else -1
+    if hold is not None:
+        L.HOLD_MAX_BYTES = 2**62 if hold else -1
     try:
         meta = torch.device("meta")
         buf = iscse.MemoryBuffer(M, D, dtype=dtype, device=meta)
@@ -330,29 +332,30 @@ def memory_plan(B: int, M: int, D: int, k: int, dtype, *, keep=None, sms: int = 
         z2 = torch.empty(B, D, device=meta, dtype=dtype, requires_grad=True)
         with Count() as count:
             iscse.iscse_loss(z1, z2, buf, k=k, backend="triton", check_finite=False).backward()
-        kept = L.keep_rows(B, k, D, dtype)
+        held = L.hold_for_backward(B, k, D, meta, buffer_dtype=dtype, dtype=dtype)
     finally:
-        T._check, L.KEEP_ROWS_MAX_BYTES, C.ASSUMED_SMS = saved
+        T._check, L.HOLD_MAX_BYTES, C.ASSUMED_SMS = saved
         K._knn_config_cached.cache_clear()
         _unpatch_kernels(kernels)
     return dict(shape=[B, M, D, k], dtype=str(dtype).replace("torch.", ""), peak_bytes=count.peak,
-                rows_kept=kept if keep is None else keep,
+                held=held if hold is None else hold,
                 largest=[dict(shape=list(s), dtype=d, bytes=n) for n, (s, d) in count.at_peak[:6]])
 
 
 def print_memory_plan(shapes) -> int:
-    """``--memory``: :func:`memory_plan` at ``shapes`` in fp32 and bf16, rows kept and dropped."""
+    """``--memory``: :func:`memory_plan` at ``shapes`` in fp32 and bf16, gradients made in backward (held) and in
+    forward."""
     import torch
 
-    print(f"{'B x M x D x k':>22} {'dtype':>9} {'rows':>16} {'peak MiB':>9}  largest live at the peak (MiB)")
+    print(f"{'B x M x D x k':>22} {'dtype':>9} {'gradients made':>22} {'peak MiB':>9}  largest live at the peak (MiB)")
     for (B, M, D, k) in shapes:
         for dt in (torch.float32, torch.bfloat16):
-            for keep in (None, True, False):
-                r = memory_plan(B, M, D, k, dt, keep=keep)
-                policy = ("default " if keep is None else "") + ("kept" if r["rows_kept"] else "dropped")
+            for hold in (None, True, False):
+                r = memory_plan(B, M, D, k, dt, hold=hold)
+                policy = ("default: " if hold is None else "") + ("in backward" if r["held"] else "in forward")
                 big = ", ".join(f"{'x'.join(map(str, a['shape']))} {a['dtype'].replace('torch.', '')}"
                                 f" {a['bytes'] / 2**20:.1f}" for a in r["largest"][:4])
-                print(f"{'x'.join(map(str, (B, M, D, k))):>22} {r['dtype']:>9} {policy:>16} "
+                print(f"{'x'.join(map(str, (B, M, D, k))):>22} {r['dtype']:>9} {policy:>22} "
                       f"{r['peak_bytes'] / 2**20:>9.1f}  {big}")
     return 0
 

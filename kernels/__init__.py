@@ -11,11 +11,12 @@ Modules:
   ``knn_topk_candidates``, ``knn_config``);
 - :mod:`~iscse.kernels.smooth`: merge + gather + attention aggregation and its backward (``smooth_forward``,
   ``smooth_backward``; the softmax-backward device helpers the fused loss reuses);
-- :mod:`~iscse.kernels.info_nce`: dual InfoNCE with its gradients, a row pass and a column pass, each split over
-  programs, and a merge (``info_nce_forward``, ``info_nce_config``);
-- :mod:`~iscse.kernels.iscse_loss`: the fused IS-CSE loss, forward (the three ops above in a row; where the
-  neighbour rows are too large to keep, plus the smooth part of the backward) and its one-launch backward
-  (``iscse_loss_forward``, ``iscse_loss_backward``, ``keep_rows``);
+- :mod:`~iscse.kernels.info_nce`: dual InfoNCE with its gradients: a row pass and a column pass, each split over
+  programs, then a gradients kernel that merges the splits (and on the fused path runs the smooth backward)
+  (``info_nce_forward``, ``info_nce_passes``, ``info_nce_grads``, ``info_nce_config``);
+- :mod:`~iscse.kernels.iscse_loss`: the fused IS-CSE loss: forward (the ops above in a row) and backward, with the
+  gradients made in backward from what the forward held, or in forward where that would be large
+  (``iscse_loss_forward``, ``iscse_loss_backward``, ``hold_for_backward``);
 - :mod:`~iscse.kernels._common`: shared helpers only (``k_pad``, ``fp32_dot_precision``, ``merge_block``,
   ``row_block_d``, ``num_sms``; the device function ``merge_topk``).
 

@@ -18,8 +18,8 @@ backward needs nothing from the buffer: pushing to the buffer between a loss and
 backward, gradient accumulation) is fine, as with the torch backend. The extra write is ``B k D`` elements, small
 next to the kNN's ``M D``; the fused loss skips it where it is large (``save_rows=False``, ``NB`` None: see
 :mod:`iscse.kernels.iscse_loss`). The softmax backward and the ``grad q`` row are ``@triton.jit`` helpers
-(:func:`smooth_logit_grads`, :func:`smooth_grad_q`) that the fused IS-CSE loss's backward kernel
-(:mod:`iscse.kernels.iscse_loss`) calls too, so the math exists once.
+(:func:`smooth_logit_grads`, :func:`smooth_grad_q`) that the fused IS-CSE loss's gradients kernel
+(:func:`iscse.kernels.info_nce.info_nce_grads`) calls too, so the math exists once.
 
 Mean aggregation (the paper's ablation, ``MEAN=True`` in both kernels): ``w = 1 / (k + 1)`` for every row of
 ``[q_i; N_i]``, so ``z*_i`` is the group's mean and ``grad_q = g / (k + 1)`` (the weights do not depend on ``q``:

@@ -269,14 +269,14 @@ def _device():
     (3, 10, 20, 7, 5, None),   # M = B + k
     (4, 13, 13, 2, 6, "torch"),  # neighbours from another backend (the idx path of the kernel)
 ])
-@pytest.mark.parametrize("keep", [True, False], ids=["rows kept", "rows dropped"])
-def test_triton_mean_matches_reference(B, M, D, k, steps, knn_backend, keep, monkeypatch):
+@pytest.mark.parametrize("hold", [True, False], ids=["held", "made in forward"])
+def test_triton_mean_matches_reference(B, M, D, k, steps, knn_backend, hold, monkeypatch):
     _triton_ops()
     from iscse.kernels import iscse_loss as L
 
-    # Both ways the fused forward treats the neighbour rows (kernels/iscse_loss.py: kept, or dropped after the
-    # smooth part of grad z2 is made in forward).
-    monkeypatch.setattr(L, "KEEP_ROWS_MAX_BYTES", 2**62 if keep else -1)
+    # Both ways the fused step makes its gradients (kernels/iscse_loss.py): in backward from what the forward held,
+    # or in forward on rows read from the buffer.
+    monkeypatch.setattr(L, "HOLD_MAX_BYTES", 2**62 if hold else -1)
     dev = _device()
     buf = iscse.MemoryBuffer(M, D, device=dev)
     lbuf = R.new_buffer(M, D, dtype=F64)

@@ -110,17 +110,18 @@ def test_cpu_smoke_of_one_item_writes_json(tmp_path):
 def test_memory_plan_of_the_fused_step(gpu_bench):
     """The Triton step's peak extra memory, counted on ``meta`` tensors with the CUDA configuration of a 132-SM
     card (``gpu_bench.py --memory``): under the GPU issue's 64 MiB at B = 1024, M = 1,048,576, D = 768 (fp32 and
-    bf16), where the ``B x k x D`` neighbour rows (48 MiB fp32) are not kept; kept at the paper's shape, where
-    keeping them saves a launch; the counter sees them when they are kept."""
+    bf16), where the forward makes the gradients and holds neither the ``B x k x D`` neighbour rows (48 MiB fp32)
+    nor the InfoNCE partials; held at the paper's shape, where that saves a launch; the counter sees the
+    rows when they are held."""
     pytest.importorskip("triton")
     import torch
 
     big = (1024, 1 << 20, 768, 16)
     for dt in (torch.float32, torch.bfloat16):
         plan = gpu_bench.memory_plan(*big, dt)
-        assert not plan["rows_kept"] and plan["peak_bytes"] < 64 * 2**20, plan
-        kept = gpu_bench.memory_plan(*big, dt, keep=True)
-        assert kept["peak_bytes"] - plan["peak_bytes"] >= 1024 * 16 * 768 * dt.itemsize, (plan, kept)
+        assert not plan["held"] and plan["peak_bytes"] < 64 * 2**20, plan
+        held = gpu_bench.memory_plan(*big, dt, hold=True)
+        assert held["peak_bytes"] - plan["peak_bytes"] >= 1024 * 16 * 768 * dt.itemsize, (plan, held)
     paper = gpu_bench.memory_plan(64, 1024, 768, 16, torch.float32)
-    assert paper["rows_kept"] and paper["peak_bytes"] < 8 * 2**20, paper
+    assert paper["held"] and paper["peak_bytes"] < 8 * 2**20, paper
     assert paper["largest"][0] == dict(shape=[64, 16, 768], dtype="torch.float32", bytes=64 * 16 * 768 * 4)

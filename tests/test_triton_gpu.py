@@ -8,7 +8,7 @@ kernels' neighbour choice is checked against the exact float64 top-k values (tie
 evaluated with the kernels' neighbours. Also: the dual InfoNCE with its row and column passes split over programs
 (all four gradients, bit-identical reruns, about two programs per SM at B = 512), a CUDA-graph capture of push +
 loss + backward, a 1,048,576-row buffer within the memory the step's count on ``meta`` tensors predicts, and the
-number of launches of the fused step (neighbour rows kept, and dropped).
+number of launches of the fused step (gradients made in backward, and in forward).
 """
 import pytest
 import torch
@@ -270,16 +270,17 @@ def test_million_row_buffer_within_the_memory_plan(dtype):
     assert torch.isfinite(z1.grad).all() and torch.isfinite(z2.grad).all()
 
 
-@pytest.mark.parametrize("keep", [True, False], ids=["rows kept", "rows dropped"])
-def test_fused_step_launch_count(keep, monkeypatch):
-    """Forward + backward of the fused losses at the paper's shape: kNN, aggregation, three InfoNCE launches (row
-    pass, column pass, merge), one backward kernel (``_iscse_loss_bwd_kernel``): six; seven with the neighbour rows
-    dropped (the smooth part of the backward then runs in forward); four without smoothing."""
+@pytest.mark.parametrize("hold", [True, False], ids=["held", "made in forward"])
+def test_fused_step_launch_count(hold, monkeypatch):
+    """Forward + backward of the fused losses at the paper's shape. Gradients made in backward (the default
+    there): kNN chunks, aggregation, the InfoNCE's row and column passes, then one backward kernel (the gradients
+    kernel with the smooth backward): five; three without smoothing. Made in forward: the gradients kernel runs
+    in forward and a scaling kernel in backward: six; four without smoothing."""
     from torch.profiler import ProfilerActivity, profile
 
     from iscse.kernels import iscse_loss as L
 
-    monkeypatch.setattr(L, "KEEP_ROWS_MAX_BYTES", 2**62 if keep else -1)
+    monkeypatch.setattr(L, "HOLD_MAX_BYTES", 2**62 if hold else -1)
     B, M, D, k = 64, 1024, 768, 16
     buf = _full_buffer(M, D)
     z1 = torch.randn(B, D, device=DEV, requires_grad=True)
@@ -295,7 +296,7 @@ def test_fused_step_launch_count(keep, monkeypatch):
         torch.autograd.backward([l_cl, l_s], list(grads))
 
     mine = ("_knn_", "_smooth_", "_info_nce_", "_iscse_loss_")
-    for smooth, expected in ((True, 6 if keep else 7), (False, 4)):
+    for smooth, expected in ((True, 5 if hold else 6), (False, 3 if hold else 4)):
         run(smooth)  # compile
         z1.grad = z2.grad = None
         torch.cuda.synchronize()

@@ -36,13 +36,14 @@ REPO = Path(__file__).resolve().parents[1]
 RTOL = 1e-4  # fp32 kernels against the float64 reference
 
 
-@pytest.fixture(params=["rows kept", "rows dropped"])
+@pytest.fixture(params=["held", "made in forward"])
 def rows(request, monkeypatch):
-    """Both ways the fused forward treats the neighbour rows (kernels/iscse_loss.py): kept for the backward (the
-    default at these tiny shapes) or dropped, with the smooth part of grad z2 made in forward."""
+    """Both ways the fused step makes its gradients (kernels/iscse_loss.py): in backward, from the neighbour rows
+    and InfoNCE partials held since forward (the default at these tiny shapes), or in forward, on rows read from
+    the buffer, with the backward only scaling them."""
     from iscse.kernels import iscse_loss as L
 
-    monkeypatch.setattr(L, "KEEP_ROWS_MAX_BYTES", 2**62 if request.param == "rows kept" else -1)
+    monkeypatch.setattr(L, "HOLD_MAX_BYTES", 2**62 if request.param == "held" else -1)
     return request.param
 
 
@@ -189,7 +190,7 @@ def _cos_ce_and_grads(a, b, temperature=0.05):
 
 
 # Small blocks everywhere: several programs per pass, several splits, several merge programs.
-_SMALL = dict(ROWS_M=16, ROWS_N=16, COLS_M=16, COLS_N=16, BLOCK_D=16, MERGE_M=16, MERGE_D=16)
+_SMALL = dict(ROWS_M=16, ROWS_N=16, COLS_M=16, COLS_N=16, BLOCK_D=16)
 
 
 @pytest.mark.parametrize("B, D, has_z, dtype, overrides", [
@@ -282,7 +283,7 @@ def test_losses_without_smoothing_returns_zero():
 
 
 def test_two_losses_before_one_backward(rows):
-    """Pushing again before the backward (gradient accumulation) is fine: the neighbour rows are kept, as in the
+    """Pushing again before the backward (gradient accumulation) is fine: the neighbour rows are held, as in the
     torch backend, which this is compared with in float64, or everything that needs them is done in forward."""
     B, M, D, k = 5, 12, 13, 3
     rows = torch.nn.functional.normalize(torch.randn(M, D), dim=1)
@@ -326,7 +327,7 @@ def test_deterministic_and_low_precision(rows):
 @pytest.mark.parametrize("grad_of", ["z1", "z2", "L_cl", "L_s"])
 def test_partial_gradients(grad_of, rows):
     """Only one input requiring grad, or a gradient reaching only one component: the gradients that exist equal the
-    torch backend's in float64 (rows dropped: the forward skips the smooth part of grad z2 when z2 needs none)."""
+    torch backend's in float64."""
     B, M, D, k = 6, 15, 13, 4
     rows_ = torch.nn.functional.normalize(torch.randn(M, D), dim=1)
     zs = [torch.randn(B, D) for _ in range(2)]
@@ -346,13 +347,17 @@ def test_partial_gradients(grad_of, rows):
             assert_rel_close(a, b, RTOL, f"grad of input {i} ({grad_of})")
 
 
-def test_rows_policy():
-    """The neighbour rows are kept at the paper's shape and dropped from (512, 16, 1024) bf16 up."""
-    from iscse.kernels.iscse_loss import keep_rows
+def test_hold_policy():
+    """The fused forward holds its rows and partials for the backward at the paper's shape and at B = 128 (five
+    launches), and makes the gradients itself from (512, 16, 1024) bf16 up, as counted for a 132-SM card
+    (``meta``)."""
+    from iscse.kernels.iscse_loss import hold_for_backward
 
-    assert keep_rows(64, 16, 768, torch.float32)
-    assert not keep_rows(512, 16, 1024, torch.bfloat16)
-    assert not keep_rows(1024, 16, 768, torch.float32)
+    meta = torch.device("meta")
+    assert hold_for_backward(64, 16, 768, meta) and hold_for_backward(128, 16, 768, meta)
+    assert hold_for_backward(64, 16, 768, meta, buffer_dtype=torch.bfloat16, dtype=torch.bfloat16)
+    assert not hold_for_backward(512, 16, 1024, meta, buffer_dtype=torch.bfloat16, dtype=torch.bfloat16)
+    assert not hold_for_backward(1024, 16, 768, meta)
 
 
 def test_errors():

@@ -7,18 +7,21 @@ shared helpers in ``iscse.kernels._common``:
   differentiable: no autograd Function) -> :meth:`TritonBackend.knn_topk` -> :func:`iscse.knn_topk`;
 - ``iscse.kernels.smooth`` (``_smooth_fwd_kernel``, ``_smooth_bwd_kernel``; ``smooth_forward`` /
   ``smooth_backward``) -> :class:`SmoothFunction` -> :func:`smooth` -> :func:`iscse.smooth`;
-- ``iscse.kernels.info_nce`` (``_info_nce_rows_kernel``, ``_info_nce_cols_kernel``, ``_info_nce_merge_kernel``;
+- ``iscse.kernels.info_nce`` (``_info_nce_rows_kernel``, ``_info_nce_cols_kernel``, ``_info_nce_grads_kernel``;
   ``info_nce_forward``) -> :class:`InfoNCEFunction` -> :func:`info_nce` -> :func:`iscse.info_nce`;
-- ``iscse.kernels.iscse_loss`` (``_iscse_loss_bwd_kernel``; ``iscse_loss_forward``, which runs the three ops'
+- ``iscse.kernels.iscse_loss`` (``_iscse_loss_scale_kernel``; ``iscse_loss_forward``, which runs the ops'
   forward launchers, and ``iscse_loss_backward``) -> :class:`ISCSELossFunction` -> :meth:`TritonBackend.iscse_loss`
   (the name the backend interface gives it) -> :func:`iscse.iscse_loss` -> :class:`iscse.ISCSELoss`.
 
 The fused step (:meth:`TritonBackend.iscse_loss`) launches, in forward: the kNN chunk kernel, the aggregation kernel
-(which also merges the kNN's per-chunk candidates), and the three kernels of the dual InfoNCE (row pass, column pass,
-merge of the split partials; they also produce every input gradient); in backward: one kernel (scales those gradients
-by ``grad_output``, smooth backward, ``normalize`` backward). Six launches for forward + backward, no host
-synchronisation (no ``.item()``, no Python branch on device values: ``grad_output`` is read by the kernel from device
-memory), so a step can be captured in a CUDA graph.
+(which also merges the kNN's per-chunk candidates) and the dual InfoNCE's row and column passes (the column pass
+also writes the losses). The gradients come from the InfoNCE's gradients kernel, which merges the split partials
+and runs the smooth and ``normalize`` backward: at small sizes (the paper's) it is the backward launch, reading
+the neighbour rows and partials the forward held (five launches per step); where those are large
+(:func:`iscse.kernels.iscse_loss.hold_for_backward`: over 32 MiB) it runs in forward, on rows read from the
+buffer, and the backward launch only scales and adds (six). No host synchronisation (no ``.item()``, no Python
+branch on device values: ``grad_output`` is read by the kernels from device memory), so a step can be captured in
+a CUDA graph.
 
 Contract at the boundary: CUDA tensors (or CPU tensors when Triton runs in its interpreter, ``TRITON_INTERPRET=1``
 set before ``triton`` is first imported: that is how CI tests the kernels); embeddings fp32/bf16/fp16 and buffers
@@ -26,7 +29,7 @@ fp32/bf16/fp16 (float64 raises ``TypeError``: use ``backend="torch"``); ``1 <= k
 their strides; nothing is copied except a non-contiguous ``idx`` or ``grad z*`` (and, in the interpreter only, a
 query of another dtype than the buffer). Losses are fp32 scalars, ``z*`` fp32, gradients in
 the inputs' dtypes. The forward keeps the gathered neighbour rows (``B x k x D``, buffer dtype) for backward, as
-the torch backend does, or, where they are large, finishes in forward everything that reads them; either way the
+the torch backend does, or, where they are large, makes in forward everything that reads them; either way the
 buffer may be pushed to again before the backward. ``aggregation="mean"`` (the
 paper's ablation) is a ``MEAN`` constexpr of the smooth kernels (uniform weights ``1 / (k + 1)``); ``grouping="pddp"``
 has no Triton version (:func:`iscse.iscse_loss` routes it to :mod:`iscse.pddp`).
@@ -149,17 +152,17 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float = 0.05) -> tor
 
 
 class ISCSELossFunction(torch.autograd.Function):
-    """``(L_cl, L_s)`` of one IS-CSE step, fused: forward :func:`iscse.kernels.iscse_loss.iscse_loss_forward`
-    (five launches, six when it drops the neighbour rows), backward
-    :func:`iscse.kernels.iscse_loss.iscse_loss_backward` (one launch).
+    """``(L_cl, L_s)`` of one IS-CSE step, fused: forward :func:`iscse.kernels.iscse_loss.iscse_loss_forward`,
+    backward :func:`iscse.kernels.iscse_loss.iscse_loss_backward` (one launch).
 
     ``forward(z1, z2, q2, storage, self_slots, idx, k, temperature, attn_temperature, smooth, mean)``: ``z1``, ``z2``
     ``(B, D)``; ``q2 = normalize(z2)`` (a value only: its gradient is folded into ``z2``'s inside the kernel);
     ``storage`` ``(M, D)``; ``self_slots`` int64 ``(B,)``; ``idx``: neighbour slots from another backend, or None to
     run the Triton kNN; ``mean``: mean aggregation instead of attention. Returns two 0-dim fp32 tensors (``L_s``
     is 0 when ``smooth`` is False); backward gets a gradient for each and scales each component by its own.
-    Saved for backward: the four ``(B, D)`` fp32 gradients, plus ``z2``, ``q2``, the weights and the ``B x k x D``
-    neighbour rows when those are small enough to keep (:func:`iscse.kernels.iscse_loss.keep_rows`).
+    Saved for backward: where they are small (:func:`iscse.kernels.iscse_loss.hold_for_backward`), the dual
+    InfoNCE's accumulators and partials and the ``B x k x D`` neighbour rows, from which the backward makes the
+    gradients; otherwise the four ``(B, D)`` fp32 gradients made in forward.
     """
 
     @staticmethod
@@ -167,29 +170,30 @@ class ISCSELossFunction(torch.autograd.Function):
                 smooth: bool, mean: bool = False):
         ctx.set_materialize_grads(False)
         z1, z2, q2 = z1.detach(), z2.detach(), q2.detach()
-        loss_cl, loss_s, grads, state = _loss.iscse_loss_forward(
+        loss_cl, loss_s, state = _loss.iscse_loss_forward(
             z1, z2, q2, storage, self_slots, k, temperature, attn_temperature, idx=idx, smooth=smooth, mean=mean,
-            grad_z2=ctx.needs_input_grad[1])
+            grads=any(ctx.needs_input_grad[:2]))
         ctx.smooth = smooth
         ctx.attn_temperature = attn_temperature
         ctx.mean = mean
-        ctx.kept = state is not None
         ctx.dtypes = (z1.dtype, z2.dtype)
-        ctx.save_for_backward(*grads, *(state or ()))
+        ctx.meta = None
+        if state is not None:
+            tensors, ctx.meta = _loss.pack(state)
+            ctx.save_for_backward(*tensors)
         return loss_cl, loss_s
 
     @staticmethod
     def backward(ctx, g_cl, g_s):
         none = (None,) * 9
-        if g_cl is None and g_s is None:
-            return (None, None) + none
-        saved = ctx.saved_tensors
-        state = saved[4:] if ctx.kept else None
         if not ctx.smooth:
             g_s = None
+        if (g_cl is None and g_s is None) or ctx.meta is None:
+            return (None, None) + none
+        state = _loss.unpack(ctx.saved_tensors, ctx.meta)
         g_cl = g_cl.float() if g_cl is not None else None
         g_s = g_s.float() if g_s is not None else None
-        grad_z1, grad_z2 = _loss.iscse_loss_backward(g_cl, g_s, saved[:4], state, ctx.attn_temperature, ctx.mean,
+        grad_z1, grad_z2 = _loss.iscse_loss_backward(g_cl, g_s, state, ctx.attn_temperature, ctx.mean,
                                                      dtypes=ctx.dtypes)
         return (grad_z1 if ctx.needs_input_grad[0] else None, grad_z2 if ctx.needs_input_grad[1] else None) + none
 
