@@ -224,8 +224,12 @@ def iscse_loss(z1: torch.Tensor, z2: torch.Tensor, buffer: MemoryBuffer, *, k: i
     impl = compute_backend(backend, z1.device)
     if grouping == "pddp":
         knn = impl
+        impl.check_inputs(z1, z2, buffer.storage, None)  # PDDP groups in torch: the backend finds no neighbours
     else:
         knn = resolve_knn(backend, knn_backend, z2, buffer.storage) or impl
+        impl.check_inputs(z1, z2, buffer.storage, k)
+        if knn is not impl:
+            knn.check_inputs(z1, z2, buffer.storage, k)
     if V.finite_check_wanted(check_finite, z1):
         V.check_finite("z1", z1)
         V.check_finite("z2", z2)

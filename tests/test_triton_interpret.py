@@ -361,13 +361,21 @@ def test_hold_policy():
 
 
 def test_errors():
-    """float64 and too large k fail loudly, naming what to use instead."""
+    """float64 and too large k fail loudly, naming what to use instead, before the buffer changes."""
     z = torch.randn(4, 8, dtype=torch.float64)
     with pytest.raises(TypeError, match="backend='torch'"):
         triton_ops.info_nce(z, z)
     buf = iscse.MemoryBuffer(400, 8)
     with pytest.raises(ValueError, match="k <= 256"):
         iscse.iscse_loss(torch.randn(4, 8), torch.randn(4, 8), buf, k=300, backend="triton")
+    buf64 = iscse.MemoryBuffer(20, 8, dtype=torch.float64)
+    with pytest.raises(TypeError, match="float64"):
+        iscse.iscse_loss(z, z, buf64, k=3, backend="triton")
+    crit = iscse.ISCSELoss(8, buffer_size=20, k=3, backend="triton").double()
+    with pytest.raises(TypeError, match="float64"):
+        crit(z, z)
+    # Raised before the push: nothing changed.
+    assert buf.written == 0 and buf64.written == 0 and crit.buffer.written == 0 and int(crit.step) == 0
     with pytest.raises(TypeError, match="float64"):
         iscse.knn_topk(z, torch.randn(10, 8, dtype=torch.float64), 3, self_slots=None, backend="triton")
 

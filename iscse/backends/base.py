@@ -46,6 +46,11 @@ class Backend:
     #: backend for the rest of the step (:func:`iscse.backends.compute_backend`), so it never calls back up.
     knn_only = False
 
+    def check_inputs(self, z1: torch.Tensor, z2: torch.Tensor, storage: torch.Tensor, k: Optional[int]) -> None:
+        """Raise ``TypeError``/``ValueError`` for a step this backend cannot run (dtypes, device, ``k``: None when it
+        does not find neighbours), before the step changes any state: :func:`iscse.iscse_loss` calls it before
+        pushing to the buffer. The default accepts everything."""
+
     def knn_topk(self, q, storage, k, self_slots, ptr=0):  # pragma: no cover - interface
         raise NotImplementedError
 

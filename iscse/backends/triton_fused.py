@@ -203,6 +203,12 @@ class TritonBackend(Backend):
 
     name = "triton"
 
+    def check_inputs(self, z1, z2, storage, k):
+        """float64, a non-CUDA tensor (outside the interpreter) or ``k > 256`` raise here, before a push."""
+        _check(z1=z1, z2=z2, storage=storage)
+        if k is not None:
+            _check_k(k)
+
     def knn_topk(self, q, storage, k, self_slots, ptr=0):
         """See :func:`knn_topk` (``ptr`` is unused: slots are storage indices)."""
         return knn_topk(q, storage, k, self_slots)
