@@ -16,7 +16,8 @@ and last ``torch.compile(reference)`` (paper's shape first): its warm-up is unbo
 
 An item is one implementation at one shape and dtype: forward+backward, forward and backward of one step (push +
 ``L_cl + alpha L_s``), each timed with ``triton.testing.do_bench`` after warm-up (median, 20th and 80th percentiles;
-a step over 2 s is timed once), peak extra memory (``max_memory_allocated`` minus the allocation before the call),
+a step over 2 s is timed once), peak extra memory (``max_memory_allocated`` minus the allocation before the call;
+for the Triton step also the count of :func:`memory_plan` beside it),
 CUDA launches of one forward+backward (torch.profiler, device-side events; per-kernel device time for the Triton
 step), the first step's time (Triton's or Inductor's compile included), and the roofline floor of each mode beside
 each figure: ``max(bytes / copy bandwidth, FLOPs / bf16 matmul rate)`` with both rates measured on this card first
@@ -721,8 +722,17 @@ def bench_step(item, timer, rates, cuda, deadline, rows, notes, compile_backend=
         peak = torch.cuda.max_memory_allocated() - before
         clear()
         names, ktimes = _count_launches(lambda: step().backward())
+        counted = None
+        if impl == "triton":  # the count on meta tensors (--memory) beside the measured peak
+            try:
+                sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+                counted = memory_plan(B, M, D, k, dtype, sms=sms)["peak_bytes"]
+            except Exception as exc:  # never lose the measured row to the count
+                notes.append(f"{item['id']}: memory count failed ({type(exc).__name__}: {str(exc)[:160]})")
         for r in mine:
             r["peak_extra_bytes"] = peak
+            if counted is not None:
+                r["peak_counted_bytes"] = counted
             r["launches_step"] = len(names)
             r["launches_fused"] = sum(map(_fused_kernel, names))
             if impl == "triton":
@@ -958,7 +968,7 @@ def print_table(doc):
            if r["impl"] == "reference"}
     hdr = (f"{'B':>5} {'M':>8} {'D':>5} {'k':>3} {'dtype':5} {'impl':13} {'mode':8} {'median ms':>10} "
            f"{'p20':>9} {'p80':>9} {'vs ref':>7} {'floor ms':>9} {'x floor':>7} {'launch':>6} {'fused':>5} "
-           f"{'peak MiB':>9}")
+           f"{'peak MiB':>9} {'count MiB':>9}")
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
@@ -969,7 +979,8 @@ def print_table(doc):
         print(f"{r['B']:>5} {r['M']:>8} {r['D']:>5} {r['k']:>3} {r['dtype']:5} {r['impl']:13} {r['mode']:8} "
               f"{r['median_ms']:>10.4f} {r['p20_ms']:>9.4f} {r['p80_ms']:>9.4f} {sp:>7} {r['floor_ms']:>9.4f} "
               f"{r['x_floor']:>7.2f} {r.get('launches_step', '-'):>6} {r.get('launches_fused', '-'):>5} "
-              f"{(peak / 2**20 if peak is not None else float('nan')):>9.2f}")
+              f"{(peak / 2**20 if peak is not None else float('nan')):>9.2f} "
+              f"{r.get('peak_counted_bytes', float('nan') * 2**20) / 2**20:>9.2f}")
     for it in doc["items"]:
         if it["status"] != "ok":
             print(f"item {it['id']}: {it['status']}" + (f" after {it['seconds']:.0f}s" if "seconds" in it else ""))
