@@ -67,8 +67,9 @@ def main(out_dir: str) -> None:
 if __name__ == "__main__":
     main(sys.argv[1])
     # Results are saved and the group destroyed. Skip the interpreter's teardown: in the full test suite a rank
-    # sometimes aborted there ("terminate called without an active exception", SIGABRT) after writing a complete
-    # result, a native thread's destructor at exit, not anything this test checks. An error above still exits 1.
+    # sometimes aborted with "terminate called without an active exception" (SIGABRT), most likely a native
+    # thread's destructor at exit. An error above still exits 1, and a rank that dies before saving still fails
+    # the test on its missing result file.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
