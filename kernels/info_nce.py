@@ -90,6 +90,7 @@ Degenerate rows (norm below 1e-12) use the clamped norm, like ``F.normalize``.
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -400,11 +401,13 @@ def _loss_row(PSTATS, CSTATS, row, N_RSPLIT, N_CSPLIT, stride_ps, stride_pk, str
     """One row's merged statistics of one loss (``K_M``: its ``m, l, s`` rows in PSTATS, ``K_DIAG`` its
     ``cos_ii``, ``K_T`` its ``t`` row in CSTATS): ``M = max_s m_s``, ``1 / l``, ``s / l - cos_ii`` and
     ``t_i - cos_ii``, the per-row factors of the gradient formulas (module docstring)."""
-    big = tl.load(PSTATS + K_M * stride_pk + row)
+    m0 = tl.load(PSTATS + K_M * stride_pk + row)
+    big = m0
     for sp in range(1, N_RSPLIT):
         big = tl.maximum(big, tl.load(PSTATS + sp * stride_ps + K_M * stride_pk + row))
-    tot = tl.load(PSTATS + (K_M + 1) * stride_pk + row) * tl.exp(tl.load(PSTATS + K_M * stride_pk + row) - big)
-    wsum = tl.load(PSTATS + (K_M + 2) * stride_pk + row) * tl.exp(tl.load(PSTATS + K_M * stride_pk + row) - big)
+    e0 = tl.exp(m0 - big)
+    tot = tl.load(PSTATS + (K_M + 1) * stride_pk + row) * e0
+    wsum = tl.load(PSTATS + (K_M + 2) * stride_pk + row) * e0
     for sp in range(1, N_RSPLIT):
         base = PSTATS + sp * stride_ps + row
         e = tl.exp(tl.load(base + K_M * stride_pk) - big)
@@ -597,8 +600,22 @@ def info_nce_config(batch: int, dim: int, device: torch.device, *, has_z: bool =
     split counts come from ``batch``, ``dim``, ``has_z`` and the device's SM count (module docstring); ``dtype``
     (of ``x`` and ``y``) picks the feature step and the pipelining depth. On CPU tensors (the interpreter) the
     blocks cover up to 64 rows and two splits are used wherever there are two tiles, so the interpreter runs few
-    programs but still the split/merge path. Split counts are clamped to ``[1, number of tiles]``.
+    programs but still the split/merge path. Split counts are clamped to ``[1, number of tiles]``. Without
+    overrides the result is cached per shape (it is asked for twice per fused step: launch overhead matters at the
+    paper's small sizes); a copy is returned.
     """
+    if not any(v is not None for v in overrides.values()):
+        return dict(_info_nce_config_cached(batch, dim, device, has_z, dtype))
+    return _info_nce_config(batch, dim, device, has_z, dtype, overrides)
+
+
+@functools.lru_cache(maxsize=256)
+def _info_nce_config_cached(batch, dim, device, has_z, dtype):
+    return _info_nce_config(batch, dim, device, has_z, dtype, {})
+
+
+def _info_nce_config(batch: int, dim: int, device: torch.device, has_z: bool, dtype: torch.dtype,
+                     overrides: dict) -> dict:
     n_acc = 2 if has_z else 1
     if device.type == "cpu":
         full = max(16, min(64, triton.next_power_of_2(batch)))

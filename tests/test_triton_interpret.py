@@ -47,6 +47,14 @@ def rows(request, monkeypatch):
     return request.param
 
 
+def _full_buffer(rows, dtype):
+    """A full MemoryBuffer of ``dtype`` holding ``rows`` (``(M, D)``), pointer at 0."""
+    buf = iscse.MemoryBuffer(*rows.shape, dtype=dtype)
+    buf.storage.copy_(rows.to(dtype))
+    buf.written = rows.shape[0]
+    return buf
+
+
 def _steps(B, M, D, k, steps, *, knn_backend=None):
     """Run ``steps`` IS-CSE steps with the Triton backend and with the float64 reference; compare every step."""
     buf = iscse.MemoryBuffer(M, D)
@@ -290,9 +298,7 @@ def test_two_losses_before_one_backward(rows):
     zs = [torch.randn(B, D) for _ in range(4)]
     grads = {}
     for backend, dtype in (("triton", torch.float32), ("torch", torch.float64)):
-        buf = iscse.MemoryBuffer(M, D, dtype=dtype)
-        buf.storage.copy_(rows.to(dtype))
-        buf.written = M
+        buf = _full_buffer(rows, dtype)
         leaves = [z.detach().to(dtype).clone().requires_grad_() for z in zs]
         loss = (iscse.iscse_loss(leaves[0], leaves[1], buf, k=k, backend=backend)
                 + 2.0 * iscse.iscse_loss(leaves[2], leaves[3], buf, k=k, backend=backend))
@@ -310,9 +316,7 @@ def test_deterministic_and_low_precision(rows):
     z1, z2 = torch.randn(B, D), torch.randn(B, D)
     results = []
     for dtype in (torch.bfloat16, torch.bfloat16, torch.float32):
-        buf = iscse.MemoryBuffer(M, D, dtype=dtype)
-        buf.storage.copy_(rows.to(dtype))
-        buf.written = M
+        buf = _full_buffer(rows, dtype)
         a = z1.to(dtype).requires_grad_()
         b = z2.to(dtype).requires_grad_()
         out = iscse.iscse_loss(a, b, buf, k=k, backend="triton", return_components=True)
@@ -333,9 +337,7 @@ def test_partial_gradients(grad_of, rows):
     zs = [torch.randn(B, D) for _ in range(2)]
     grads = {}
     for backend, dtype in (("triton", torch.float32), ("torch", torch.float64)):
-        buf = iscse.MemoryBuffer(M, D, dtype=dtype)
-        buf.storage.copy_(rows_.to(dtype))
-        buf.written = M
+        buf = _full_buffer(rows_, dtype)
         leaves = [z.to(dtype).clone().requires_grad_(grad_of != ("z2", "z1")[i]) for i, z in enumerate(zs)]
         out = iscse.iscse_loss(*leaves, buf, k=k, backend=backend, return_components=True)
         target = {"L_cl": out.contrastive, "L_s": 3.0 * out.smooth}.get(grad_of, out.contrastive + 2.0 * out.smooth)
