@@ -93,6 +93,9 @@ class MemoryBuffer:
         self._ptr = torch.zeros((), dtype=torch.int64, device=self.storage.device)  # slot the next push writes first
         self._written = torch.zeros((), dtype=torch.int64, device=self.storage.device)  # rows ever pushed
         self.last_push = 0  # number of rows in the most recent push (a shape, so a Python int)
+        # A lower bound of `written` kept on the host without reading the device: eager pushes add their rows; pushes
+        # traced by torch.compile or captured in a CUDA graph (whose replays run no Python) do not count.
+        self._host_written = 0
 
     @property
     def size(self) -> int:
@@ -155,6 +158,15 @@ class MemoryBuffer:
     @written.setter
     def written(self, value: int) -> None:
         self._written.fill_(V.check_count("written", value))
+        self._host_written = int(value)
+
+    @property
+    def known_full(self) -> bool:
+        """True when the host knows, without reading the device, that every slot has been written: the eager pushes
+        (and the loaded or assigned count) alone fill the buffer. A lower bound of :attr:`full`: pushes run in a
+        ``torch.compile``-d function or by CUDA graph replays are not counted. ``"auto"`` verifies its candidates on
+        the first step at which this is True (:mod:`iscse.backends`)."""
+        return self._host_written >= self.size
 
     @property
     def full(self) -> bool:
@@ -188,7 +200,32 @@ class MemoryBuffer:
         self._ptr.add_(n).remainder_(self.size)
         self._written.add_(n)
         self.last_push = n
+        if not torch.compiler.is_compiling() and not (self.device.type == "cuda"
+                                                      and torch.cuda.is_current_stream_capturing()):
+            self._host_written += n
         return slots
+
+    def _push_undoable(self, q: torch.Tensor):
+        """:meth:`push`, keeping what :meth:`_undo_push` needs to restore the buffer exactly (the ``B`` rows it
+        overwrites, the counters' steps): ``(slots, token)``. No host read; the copy is ``B x D``."""
+        n = q.shape[0]
+        if isinstance(q, torch.Tensor) and q.dim() == 2 and n <= self.size and q.device == self.device:
+            old = self.storage.index_select(0, (self._ptr + self._arange(n)).remainder_(self.size))
+        else:
+            old = None  # push raises below, before any change
+        last_push, host_written = self.last_push, self._host_written
+        slots = self.push(q)
+        return slots, (slots, old, last_push, host_written)
+
+    def _undo_push(self, token) -> None:
+        """Restore the buffer to what it was before the :meth:`_push_undoable` that returned ``token`` (it must be
+        the most recent push): rows, pointer and counts."""
+        slots, old, last_push, host_written = token
+        n = slots.shape[0]
+        self.storage.index_copy_(0, slots, old)
+        self._ptr.sub_(n).remainder_(self.size)
+        self._written.sub_(n)
+        self.last_push, self._host_written = last_push, host_written
 
     def last_slots(self) -> torch.Tensor:
         """int64 ``(B,)`` slot of each row of the most recent push, in the order they were pushed (no host read)."""
@@ -215,6 +252,7 @@ class MemoryBuffer:
         self._ptr.zero_()
         self._written.zero_()
         self.last_push = 0
+        self._host_written = 0
 
     def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "MemoryBuffer":
         """Move (and optionally cast) the storage, the pointer and the count in place; returns ``self``."""
@@ -252,6 +290,7 @@ class MemoryBuffer:
         self._ptr.fill_(ptr)
         self._written.fill_(written)
         self.last_push = last_push
+        self._host_written = written
 
     def __repr__(self) -> str:
         written = "?" if self.device.type == "meta" else self.written  # reads the device

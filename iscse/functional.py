@@ -1,7 +1,10 @@
 """Functional IS-CSE API: validate, then dispatch to a backend (:mod:`iscse.backends`).
 
-Every function takes ``backend=``: ``"auto"`` (Triton for CUDA tensors when it imports, otherwise torch),
-``"torch"``, ``"reference"``, ``"triton"`` or ``"faiss"`` (kNN by FAISS, the rest by the device's default path).
+Every function takes ``backend=``: ``"auto"`` (default: the torch baseline, or a faster candidate once it has
+matched the baseline on the actual inputs of that shape class: Triton on CUDA, FAISS's kNN for large buffers; see
+:mod:`iscse.backends`), ``"torch"``, ``"reference"``, ``"triton"``, ``"faiss"`` (kNN by FAISS, the rest by torch),
+a name added with :func:`iscse.backends.register_backend`, or a :class:`~iscse.backends.Backend` instance. A named
+backend is used as it is, never second-guessed.
 
 The paper's ablations: ``aggregation="mean"`` (:func:`smooth`, :func:`iscse_loss`) and ``grouping="pddp"``
 (:func:`iscse_loss`; torch only, :mod:`iscse.pddp`).
@@ -14,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from . import _validation as V
-from .backends import compute_backend, resolve_knn
+from . import backends as _backends
+from .backends import compute_backend, get_backend
 from .buffer import MemoryBuffer, snapshot
 from .pddp import check_pddp, pddp_losses
 
@@ -97,7 +101,7 @@ def knn_topk(q: torch.Tensor, buffer: BufferLike, k: int, *, self_slots="last",
     V.check_same_device("q", q, storage.device)
     slots = _self_slots(q, buffer, self_slots)
     V.check_k(k, storage.shape[0] - (1 if slots is not None else 0))
-    impl = resolve_knn(backend, None, q, storage) or compute_backend(backend, q.device)
+    impl = _auto_knn(q, storage, k, slots, ptr) if _is_auto(backend) else get_backend(backend)
     return impl.knn_topk(q, storage, k, slots, ptr)
 
 
@@ -133,9 +137,10 @@ def smooth(q: torch.Tensor, buffer: BufferLike, idx: torch.Tensor, vals: torch.T
         V.check_same_device(name, x, q.device, "q")
     if idx.shape != vals.shape:
         raise ValueError(f"idx and vals must have the same shape, got {tuple(idx.shape)} and {tuple(vals.shape)}")
-    impl = compute_backend(backend, q.device)
-    if aggregation == "attention":  # the interface's original call, for backends that predate the ablation
-        return impl.smooth(q, storage, idx, vals, t)
+    if _is_auto(backend):
+        impl = _auto_smooth(q, storage, idx, vals, t, aggregation)
+    else:
+        impl = compute_backend(backend)
     return impl.smooth(q, storage, idx, vals, t, aggregation=aggregation)
 
 
@@ -147,7 +152,8 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float = 0.05, *, bac
     """
     V.check_pair("a", a, "b", b)
     t = V.check_positive("temperature", temperature)
-    return compute_backend(backend, a.device).info_nce(a, b, t)
+    impl = _auto_info_nce(a, b, t) if _is_auto(backend) else compute_backend(backend)
+    return impl.info_nce(a, b, t)
 
 
 def iscse_loss(z1: torch.Tensor, z2: torch.Tensor, buffer: MemoryBuffer, *, k: int = 16, temperature: float = 0.05,
@@ -176,9 +182,11 @@ def iscse_loss(z1: torch.Tensor, z2: torch.Tensor, buffer: MemoryBuffer, *, k: i
             a schedule evaluated on the device; its value is checked on CPU only).
         backend: which implementation computes the loss (a name, or a :class:`~iscse.backends.Backend` instance
             such as ``FaissBackend(approximate=True)``); ``knn_backend``: another one for the kNN step only (e.g.
-            ``"faiss"`` for very large buffers; ``backend="faiss"`` means the same with the device's default for the
-            rest). Default: the same, except that under ``"auto"`` on CPU the kNN goes to FAISS, when installed,
-            where a timed probe on the first step found it faster on this machine (:mod:`iscse.backends`).
+            ``"faiss"`` for very large buffers; ``backend="faiss"`` means the same with torch for the rest).
+            ``"auto"`` with ``knn_backend=None`` runs the torch baseline until the first training step of the shape
+            class whose buffer is full; that step verifies the candidates (Triton on CUDA, FAISS's kNN for
+            ``M >= 4096``) against torch on its own inputs and keeps the fastest that agrees, for the process
+            (:mod:`iscse.backends`). ``"auto"`` with a ``knn_backend``: torch with that kNN provider.
         return_components: return an :class:`ISCSEOutput` ``(loss, contrastive, smooth)`` instead of the loss.
         check_finite: raise ``ValueError`` on NaN/inf in ``z1``/``z2``. ``None`` (default): on CPU tensors only,
             where the check costs no synchronisation; ``True``: on CUDA too (a device-to-host read every step);
@@ -221,12 +229,15 @@ def iscse_loss(z1: torch.Tensor, z2: torch.Tensor, buffer: MemoryBuffer, *, k: i
         V.check_same_device("alpha", alpha, z1.device, "z1")
     if not isinstance(push, bool):
         raise TypeError(f"push must be a bool, got {type(push).__name__}")
-    impl = compute_backend(backend, z1.device)
+    # "auto" (without a knn_backend) starts from the baseline and may switch to a verified candidate after the push
+    # (see _knn_losses); a named backend is used as it is.
+    auto = _is_auto(backend) and knn_backend is None and grouping == "knn"
+    impl = compute_backend(backend)
     if grouping == "pddp":
         knn = impl
         impl.check_inputs(z1, z2, buffer.storage, None)  # PDDP groups in torch: the backend finds no neighbours
     else:
-        knn = resolve_knn(backend, knn_backend, z2, buffer.storage) or impl
+        knn = _explicit_knn(backend, knn_backend, impl)
         impl.check_inputs(z1, z2, buffer.storage, k)
         if knn is not impl:
             knn.check_inputs(z1, z2, buffer.storage, k)
@@ -235,36 +246,154 @@ def iscse_loss(z1: torch.Tensor, z2: torch.Tensor, buffer: MemoryBuffer, *, k: i
         V.check_finite("z2", z2)
 
     q2 = F.normalize(z2, dim=-1)
-    if grouping == "pddp":
-        l_cl, l_s = pddp_losses(impl, z1, z2, q2, buffer, push, k=k, temperature=temperature,
-                                attn_temperature=attn_temperature, aggregation=aggregation)
-    else:
-        l_cl, l_s = _knn_losses(impl, knn, z1, z2, q2, buffer, push, k=k, temperature=temperature,
-                                attn_temperature=attn_temperature, aggregation=aggregation)
+    self_slots, undo = buffer._push_undoable(q2) if push else (None, None)  # the queries' own slots
+    try:
+        if grouping == "pddp":
+            l_cl, l_s = pddp_losses(impl, z1, z2, q2, buffer, push, k=k, temperature=temperature,
+                                    attn_temperature=attn_temperature, aggregation=aggregation)
+        else:
+            l_cl, l_s = _knn_losses(impl, knn, auto, z1, z2, q2, buffer, self_slots, push, k=k,
+                                    temperature=temperature, attn_temperature=attn_temperature,
+                                    aggregation=aggregation)
+    except BaseException:
+        # "On success only": a backend error (or FAISS's NaN check) after the push leaves the buffer as it was.
+        if undo is not None:
+            buffer._undo_push(undo)
+        raise
     if isinstance(alpha, torch.Tensor):
         alpha = alpha.to(l_s.dtype)
     loss = l_cl + alpha * l_s
     return ISCSEOutput(loss, l_cl, l_s) if return_components else loss
 
 
-def _knn_losses(impl, knn, z1, z2, q2, buffer: MemoryBuffer, push: bool, *, k, temperature, attn_temperature,
-                aggregation):
-    """``(L_cl, L_s)`` of a kNN-grouped step (push, then the backend's losses, ``L_s`` masked until the buffer is
-    full): see :func:`iscse_loss`."""
-    self_slots = buffer.push(q2) if push else None  # the write slots are the queries' own slots
+def _knn_losses(impl, knn, auto: bool, z1, z2, q2, buffer: MemoryBuffer, self_slots, push: bool, *, k, temperature,
+                attn_temperature, aggregation):
+    """``(L_cl, L_s)`` of a kNN-grouped step after its push (``self_slots``: the queries' own slots, None without a
+    push): the backend's losses, ``L_s`` masked until the buffer is full; see :func:`iscse_loss`."""
     # Reads of the buffer's device state, snapshotted under torch.compile (see iscse.buffer.snapshot).
     self_slots = snapshot(self_slots) if self_slots is not None else None
     ptr = snapshot(buffer.ptr_tensor)
+    if auto:
+        plan = _auto_step(z1, z2, q2, buffer, self_slots, ptr, push, k=k, temperature=temperature,
+                          attn_temperature=attn_temperature, aggregation=aggregation)
+        impl, knn = plan.compute, plan.knn or plan.compute
     if knn.syncs_host or impl.syncs_host:
         smooth, full = buffer.full, None  # a host read, as these backends read the host anyway
     else:
         smooth, full = True, snapshot(buffer.full_tensor)
-    # aggregation is passed only when it is not the default, so Backend subclasses that predate it keep working.
-    extra = {} if aggregation == "attention" else {"aggregation": aggregation}
     l_cl, l_s = impl.iscse_loss(z1, z2, q2, buffer.storage, self_slots, ptr, k=k, temperature=temperature,
-                                attn_temperature=attn_temperature, smooth=smooth, knn=knn, **extra)
+                                attn_temperature=attn_temperature, smooth=smooth, knn=knn, aggregation=aggregation)
     if full is not None:
         # torch.where, not a product: a 0 * NaN would be NaN, and where's backward sends exactly 0 to the branch
         # not taken.
         l_s = torch.where(full, l_s, torch.zeros((), dtype=l_s.dtype, device=l_s.device))
     return l_cl, l_s
+
+
+# --------------------------------------------------------------------------------------------- "auto" dispatch
+# Each op meets iscse.backends.decide with its shape class and a function that runs it on copies of the actual
+# inputs: values and gradients to compare with the baseline, or one timed training-like call. Nothing here writes
+# the buffer or draws from the caller's random stream.
+
+def _is_auto(backend) -> bool:
+    return isinstance(backend, str) and backend == "auto"
+
+
+def _explicit_knn(backend, knn_backend, impl):
+    """The kNN provider of a step with named backends: ``knn_backend``, or ``backend`` itself when it finds
+    neighbours only (``"faiss"``), else the compute backend ``impl``."""
+    if knn_backend is not None:
+        return get_backend(knn_backend)
+    named = get_backend(backend)
+    return named if named.knn_only else impl
+
+
+def _leaf(x: torch.Tensor) -> torch.Tensor:
+    return x.detach().clone().requires_grad_(True)
+
+
+def _grads(out: torch.Tensor, inputs, retain: bool = False):
+    return list(torch.autograd.grad(out, inputs, retain_graph=retain, allow_unused=True))
+
+
+def _probe_grad(like: torch.Tensor) -> torch.Tensor:
+    """A fixed upstream gradient, from a generator of its own (the caller's random stream is not touched)."""
+    gen = torch.Generator(device=like.device).manual_seed(20230208)
+    return torch.randn(like.shape, generator=gen, device=like.device, dtype=torch.float32).to(like.dtype)
+
+
+def _auto_knn(q, storage, k, slots, ptr):
+    def run(plan, timed):
+        vals, _ = (plan.knn or plan.compute).knn_topk(q.detach(), storage, k, slots, ptr)
+        return [] if timed else [vals]  # the k largest similarities are the same whichever tied slots are taken
+    key = _backends.shape_key("knn_topk", q, storage, k, slots is not None)
+    plan = _backends.decide(key, q.device, run, rows=storage.shape[0], knn_ok=True,
+                            check=lambda impl: impl.check_inputs(q, q, storage, k), labels=("similarities",))
+    return plan.knn or plan.compute
+
+
+def _auto_smooth(q, storage, idx, vals, t, aggregation):
+    upstream = []  # the fixed upstream gradient, made on the first run (only when a decision is being made)
+
+    def run(plan, timed):
+        if not upstream:
+            upstream.append(_probe_grad(q))
+        qd = _leaf(q)
+        z = plan.compute.smooth(qd, storage, idx, vals, t, aggregation=aggregation)  # (B, D)
+        if timed:
+            z.backward(upstream[0].to(z.dtype))
+            return []
+        return [z] + list(torch.autograd.grad(z, [qd], upstream[0].to(z.dtype), allow_unused=True))
+    key = _backends.shape_key("smooth", q, storage, idx.shape[1], aggregation)
+    plan = _backends.decide(key, q.device, run, rows=storage.shape[0], knn_ok=False,
+                            check=lambda impl: impl.check_inputs(q, q, storage, idx.shape[1]),
+                            labels=("z*", "grad q"))
+    return plan.compute
+
+
+def _auto_info_nce(a, b, t):
+    def run(plan, timed):
+        ad, bd = _leaf(a), _leaf(b)
+        loss = plan.compute.info_nce(ad, bd, t)
+        if timed:
+            loss.backward()
+            return []
+        return [loss] + _grads(loss, [ad, bd])
+    key = _backends.shape_key("info_nce", a)
+    plan = _backends.decide(key, a.device, run, rows=0, knn_ok=False,
+                            check=lambda impl: impl.check_inputs(a, b, b, None), labels=("loss", "grad a", "grad b"))
+    return plan.compute
+
+
+def _auto_step(z1, z2, q2, buffer: MemoryBuffer, self_slots, ptr, push: bool, *, k, temperature, attn_temperature,
+               aggregation):
+    """The plan of an ``"auto"`` IS-CSE step: decided on the first training step of the shape class whose buffer is
+    known to be full (so the real neighbours are compared), the baseline until then."""
+    storage = buffer.storage
+
+    def run(plan, timed):
+        z1d, z2d = _leaf(z1), _leaf(z2)
+        q2d = F.normalize(z2d, dim=-1)
+        l_cl, l_s = plan.compute.iscse_loss(z1d, z2d, q2d, storage, self_slots, ptr, k=k, temperature=temperature,
+                                            attn_temperature=attn_temperature, smooth=True, knn=plan.knn,
+                                            aggregation=aggregation)
+        if timed:
+            (l_cl + 0.1 * l_s).backward()
+            return []
+        return [l_cl, l_s] + _grads(l_cl, [z1d, z2d], retain=True) + _grads(l_s, [z1d, z2d])
+
+    def near_tie(tol):
+        # Whether some query's k-th and (k+1)-th neighbours are closer than the tolerance: then a last-bit
+        # difference between two correct backends may swap them, and a mismatch proves nothing.
+        available = storage.shape[0] - (1 if self_slots is not None else 0)
+        if k >= available:
+            return False
+        vals, _ = _backends.get_backend(_backends.BASELINE).knn_topk(q2.detach(), storage, k + 1, self_slots, ptr)
+        return bool((vals[:, k - 1] - vals[:, k]).min() <= tol)
+
+    key = _backends.shape_key("iscse_loss", z1, storage, k, aggregation)
+    return _backends.decide(key, z1.device, run, rows=storage.shape[0], knn_ok=True, ready=push and buffer.known_full,
+                            check=lambda impl: impl.check_inputs(z1, z2, storage, k), near_tie=near_tie,
+                            shared=True,
+                            labels=("L_cl", "L_s", "grad z1 of L_cl", "grad z2 of L_cl", "grad z1 of L_s",
+                                    "grad z2 of L_s"))

@@ -9,7 +9,8 @@ import torch
 import torch.nn as nn
 
 from . import _validation as V
-from .backends import Backend, prepare, resolve_name
+from . import backends as _backends
+from .backends import Backend, check_backend_name, prepare
 from .buffer import MemoryBuffer, snapshot
 from .functional import AGGREGATIONS, GROUPINGS, iscse_loss
 from .pddp import check_pddp
@@ -98,6 +99,26 @@ def _alpha_from_state(state) -> Union[float, AlphaSchedule]:
                           total_steps=state["total_steps"])
 
 
+# The fields of a saved "auto" decision: iscse.backends.shape_key's order for an IS-CSE step.
+_DECISION_FIELDS = ("op", "device", "M", "B", "D", "buffer_dtype", "dtype", "k", "aggregation")
+
+
+def _decisions_from_state(entries):
+    """Validate saved ``auto_decisions`` (see :meth:`ISCSELoss.get_extra_state`): ``[(shape class, name)]``."""
+    if not isinstance(entries, (list, tuple)):
+        raise ValueError(f"ISCSELoss state['auto_decisions'] must be a list, got {type(entries).__name__}")
+    out = []
+    for entry in entries:
+        ok = isinstance(entry, dict) and set(entry) == set(_DECISION_FIELDS) | {"backend"} \
+            and entry["op"] == "iscse_loss" and isinstance(entry["backend"], str) \
+            and all(isinstance(entry[f], str) for f in ("device", "buffer_dtype", "dtype", "aggregation")) \
+            and all(isinstance(entry[f], int) and not isinstance(entry[f], bool) for f in ("M", "B", "D", "k"))
+        if not ok:
+            raise ValueError(f"ISCSELoss state['auto_decisions'] has an invalid entry {entry!r}")
+        out.append((tuple(entry[f] for f in _DECISION_FIELDS), entry["backend"]))
+    return out
+
+
 class ISCSELoss(nn.Module):
     """IS-CSE loss with its own memory buffer: ``loss = criterion(z1, z2)``.
 
@@ -175,7 +196,7 @@ class ISCSELoss(nn.Module):
         self.alpha = alpha if callable(alpha) else V.check_alpha(alpha)
         for name, value in (("backend", backend), ("knn_backend", knn_backend)):
             if value is not None and not isinstance(value, Backend):
-                resolve_name(value, torch.device("cpu"))  # validates the name
+                check_backend_name(value)
         self.backend, self.knn_backend = backend, knn_backend
         prepare(backend, knn_backend, self.buffer.device)
         if check_finite is not None and not isinstance(check_finite, bool):
@@ -254,19 +275,30 @@ class ISCSELoss(nn.Module):
         return self
 
     def get_extra_state(self):
-        """``{"buffer": MemoryBuffer.state_dict(), "step": int, "alpha": dict or None}`` (reads the device), plus
-        ``"grouping"`` / ``"aggregation"`` when not the defaults ``"knn"`` / ``"attention"`` (so a default module's
-        state is what it was before the ablations existed)."""
-        state = {"buffer": self.buffer.state_dict(), "step": self.step, "alpha": _alpha_state(self.alpha)}
+        """``{"buffer": MemoryBuffer.state_dict(), "step": int, "alpha": dict or None, "auto_decisions": list}``
+        (reads the device), plus ``"grouping"`` / ``"aggregation"`` when not the defaults ``"knn"`` /
+        ``"attention"``. ``auto_decisions``: the ``"auto"`` backend decisions of this module's shape classes (one dict
+        per class: ``op, device, M, B, D, buffer_dtype, dtype, k, aggregation, backend``), which a resumed run reuses
+        without probing (:mod:`iscse.backends`)."""
+        state = {"buffer": self.buffer.state_dict(), "step": self.step, "alpha": _alpha_state(self.alpha),
+                 "auto_decisions": self._decisions()}
         if self.grouping != "knn":
             state["grouping"] = self.grouping
         if self.aggregation != "attention":
             state["aggregation"] = self.aggregation
         return state
 
+    def _decisions(self):
+        out = []
+        for key, name in _backends.auto_decisions().items():
+            if key[0] == "iscse_loss" and (key[2], key[4], key[7], key[8]) == (self.buffer.size, self.buffer.dim,
+                                                                              self.k, self.aggregation):
+                out.append(dict(zip(_DECISION_FIELDS, key), backend=name))
+        return out
+
     def set_extra_state(self, state) -> None:
-        """Restore the buffer, the step and (when saved) the alpha schedule, grouping and aggregation (absent: the
-        module keeps its own); accepts earlier versions' state (no ``alpha``). Validated before anything changes."""
+        """Restore the buffer, the step, the ``"auto"`` decisions and (when saved) the alpha schedule, grouping and
+        aggregation (absent: the module keeps its own). Validated before anything changes."""
         if not isinstance(state, dict) or "buffer" not in state:
             raise ValueError("ISCSELoss state must be a dict with a 'buffer' entry (from state_dict())")
         step = state.get("step", 0)
@@ -278,6 +310,7 @@ class ISCSELoss(nn.Module):
         grouping = V.check_choice("ISCSELoss state['grouping']", state.get("grouping", self.grouping), GROUPINGS)
         aggregation = V.check_choice("ISCSELoss state['aggregation']", state.get("aggregation", self.aggregation),
                                      AGGREGATIONS)
+        decisions = _decisions_from_state(state.get("auto_decisions", []))
         if grouping == "pddp":
             check_pddp(self.k, self.buffer.size, self.knn_backend)
         else:
@@ -287,6 +320,7 @@ class ISCSELoss(nn.Module):
         if alpha is not None:
             self.alpha = alpha
         self.grouping, self.aggregation = grouping, aggregation
+        _backends.load_decisions(decisions)
 
     def extra_repr(self) -> str:
         return (f"dim={self.buffer.dim}, buffer_size={self.buffer.size}, k={self.k}, temperature={self.temperature}, "

@@ -118,19 +118,18 @@ def check_pddp(k, size: int, knn_backend: Optional[object] = None) -> int:
     return int(k)
 
 
-def pddp_losses(impl, z1: torch.Tensor, z2: torch.Tensor, q2: torch.Tensor, buffer, push: bool, *, k: int,
+def pddp_losses(impl, z1: torch.Tensor, z2: torch.Tensor, q2: torch.Tensor, buffer, pushed: bool, *, k: int,
                 temperature: float, attn_temperature: float, aggregation: str) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(L_cl, L_s)`` of one ``grouping="pddp"`` step (called by :func:`iscse.iscse_loss` after validation).
 
-    Pushes ``q2`` when ``push``; ``L_cl`` and ``L_s``'s InfoNCE by ``impl`` (the backend), ``z*`` by
-    :func:`pddp_smooth` (by :func:`iscse.reference.pddp_aggregate` when ``impl`` is the reference backend).
-    ``L_s`` is zero, and the grouping skipped, until the buffer is full: a host read of the "full" flag, as the step
-    reads the host anyway. ``push=False``: the set is ``[q2; the M - B newest rows]``, the one a training step with
+    ``pushed``: the caller has just pushed ``q2`` (a training step). ``L_cl`` and ``L_s``'s InfoNCE by ``impl`` (the
+    backend), ``z*`` by :func:`pddp_smooth` (by :func:`iscse.reference.pddp_aggregate` when ``impl`` is the reference
+    backend). ``L_s`` is zero, and the grouping skipped, until the buffer is full: a host read of the "full" flag, as the step
+    reads the host anyway. ``pushed=False``: the set is ``[q2; the M - B newest rows]``, the one a training step with
     the same batch would use, and the buffer is left unchanged.
     """
     batch, size = q2.shape[0], buffer.size
-    if push:
-        buffer.push(q2)
+    if pushed:
         older = buffer.rows()[:size - batch]  # the rows before the batch, oldest first (the reference's lbuf[:-B])
     else:
         older = buffer.rows()[batch:]  # the rows that stay if the batch were pushed

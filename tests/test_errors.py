@@ -3,6 +3,8 @@ import pytest
 import torch
 
 import iscse
+from iscse import backends
+from iscse.backends.pytorch import TorchBackend
 
 B, D, M = 4, 8, 32
 
@@ -16,7 +18,7 @@ def buf():
 
 
 def _snapshot(b):
-    return b.storage.clone(), b.ptr, b.written, b.last_push
+    return b.storage.clone(), b.ptr, b.written, b.last_push, b.known_full
 
 
 def _bad(value, row=0):
@@ -123,8 +125,56 @@ def test_smooth_and_info_nce_errors(buf):
         iscse.info_nce(q, q[:2])
 
 
-def test_auto_is_torch_on_cpu_and_missing_backends_say_so():
-    from iscse.backends import get_backend, resolve_name
+def test_auto_starts_from_torch_and_unknown_backends_say_so():
+    from iscse.backends import check_backend_name, get_backend
 
-    assert resolve_name("auto", torch.device("cpu")) == "torch"
     assert get_backend("auto", torch.device("cpu")).name == "torch"
+    with pytest.raises(ValueError, match="unknown backend 'fast'.*'auto'.*'torch'"):
+        check_backend_name("fast")
+    with pytest.raises(TypeError, match="backend must be a str"):
+        check_backend_name(3)
+
+
+# ------------------------------------------------------------------------------------- a failed step changes nothing
+
+
+class _Raising(TorchBackend):
+    """A backend whose step fails after the push (as a kernel error or FAISS's NaN check would)."""
+
+    name = "raising"
+
+    def iscse_loss(self, *args, **kwargs):
+        raise RuntimeError("kernel failed")
+
+    def info_nce(self, a, b, temperature):
+        raise RuntimeError("kernel failed")
+
+
+@pytest.mark.parametrize("grouping", ["knn", "pddp"])
+def test_a_failed_step_leaves_the_buffer_and_the_step_as_they_were(grouping):
+    backends.register_backend("raising", _Raising)
+    try:
+        crit = iscse.ISCSELoss(8, buffer_size=16, k=2, grouping=grouping)
+        for _ in range(5):  # 20 rows through a 16-row ring: full, pointer at 4
+            crit(torch.randn(4, 8), torch.randn(4, 8))
+        before, step = _snapshot(crit.buffer), crit.step
+        crit.backend = "raising"
+        with pytest.raises(RuntimeError, match="kernel failed"):
+            crit(torch.randn(4, 8), torch.randn(4, 8))
+        after = _snapshot(crit.buffer)
+        assert torch.equal(after[0], before[0]) and after[1:] == before[1:] and crit.step == step
+    finally:
+        backends.unregister_backend("raising")
+
+
+def test_faiss_nan_check_after_the_push_leaves_the_buffer_as_it_was():
+    pytest.importorskip("faiss")
+    buf = iscse.MemoryBuffer(16, 8)
+    buf.push(torch.nn.functional.normalize(torch.randn(16, 8), dim=1))
+    before = _snapshot(buf)
+    z = torch.randn(4, 8)
+    z[1, 3] = float("nan")
+    with pytest.raises(ValueError):
+        iscse.iscse_loss(torch.randn(4, 8), z, buf, k=2, knn_backend="faiss", check_finite=False)
+    after = _snapshot(buf)
+    assert torch.equal(after[0], before[0]) and after[1:] == before[1:]

@@ -447,6 +447,7 @@ def test_missing_faiss_error_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "faiss", None)  # makes `import faiss` raise ImportError
     monkeypatch.delitem(sys.modules, "iscse.backends.faiss_knn", raising=False)
     monkeypatch.delitem(backends._CACHE, "faiss", raising=False)
+    monkeypatch.setattr(backends, "_MISSING", {})  # the failure it records is forgotten after the test
     with pytest.raises(ImportError, match=r"pip install 'iscse\[faiss\]'"):
         importlib.import_module("iscse.backends.faiss_knn")
     with pytest.raises(ImportError, match=r"pip install 'iscse\[faiss\]'"):

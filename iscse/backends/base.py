@@ -45,6 +45,14 @@ class Backend:
     #: True for a backend that only finds neighbours (FAISS): the registry pairs it with the device's default
     #: backend for the rest of the step (:func:`iscse.backends.compute_backend`), so it never calls back up.
     knn_only = False
+    #: Under ``"auto"``, this backend is not tried as a candidate on buffers with fewer rows than this (FAISS: a
+    #: probe on a small buffer could never pay for itself).
+    auto_min_rows = 0
+
+    def supports(self, device: torch.device) -> bool:
+        """Whether this backend can run on ``device`` here (``"auto"`` tries only candidates that can). Default:
+        True; FAISS answers False for CUDA tensors without a GPU build of FAISS."""
+        return True
 
     def check_inputs(self, z1: torch.Tensor, z2: torch.Tensor, storage: torch.Tensor, k: Optional[int]) -> None:
         """Raise ``TypeError``/``ValueError`` for a step this backend cannot run (dtypes, device, ``k``: None when it

@@ -431,6 +431,13 @@ class FaissBackend(Backend):
 
     name = "faiss"
     knn_only = True
+    #: Under ``"auto"`` FAISS is a candidate from this many buffer rows on (:mod:`iscse.backends`): below it the
+    #: torch kNN takes well under a millisecond per query block on any CPU, so a probe could not pay for itself.
+    auto_min_rows = 4096
+
+    def supports(self, device: torch.device) -> bool:
+        """CPU always; CUDA with a GPU build of FAISS (:func:`faiss_gpu_available`)."""
+        return torch.device(device).type != "cuda" or faiss_gpu_available()
 
     def __init__(self, *, approximate: bool = False, nlist: Optional[int] = None, nprobe: Optional[int] = None,
                  retrain_fraction: float = 1.0, train_points_per_list: int = 64, seed: int = 1234,

@@ -52,9 +52,12 @@ def knn_topk(q: torch.Tensor, storage: torch.Tensor, k: int, self_slots=None, ch
             best_i = i.gather(1, pos)
     out_dtype = _compute_dtype(q.dtype, storage.dtype)
     if low_precision or q.dtype != storage.dtype:
-        # Exact values for the chosen rows, in the compute precision (B * k * D work).
+        # Exact values for the chosen rows, in the compute precision (B * k * D work), sorted again: rounding in the
+        # storage dtype may have ordered near ties differently (the neighbour set is the one ranked in that dtype).
         neighbours = storage[best_i].to(out_dtype)  # (B, k, D)
         best_v = torch.einsum("bd,bkd->bk", q.detach().to(out_dtype), neighbours)
+        best_v, pos = best_v.sort(dim=1, descending=True)
+        best_i = best_i.gather(1, pos)
     return best_v.to(out_dtype), best_i
 
 

@@ -23,9 +23,16 @@ class ReferenceBackend(Backend):
         rows = storage.index_select(0, ranks_to_slots)  # torch.roll(storage, -ptr, 0) without reading ptr
         anchors = q.detach().to(rows.dtype)
         sim = torch.matmul(anchors, rows.transpose(0, 1))  # (B, M)
-        order = torch.argsort(sim, dim=-1, descending=True)
-        # The reference drops rank 0, its query's own row; without a self slot nothing is dropped.
-        ranks = order[:, 1:k + 1] if self_slots is not None else order[:, :k]
+        order = torch.argsort(sim, dim=-1, descending=True)  # (B, M) ranks into rows, most similar first
+        if self_slots is not None:
+            # The reference drops rank 0, its query's own row. To honour self_slots in every case, the own row is
+            # moved to the end instead (a stable sort on "is it the own row", no host read): where it ranks first, as
+            # it does for a step's unit rows, that is exactly dropping rank 0; where a row ties with it at the top
+            # (a duplicate of the query), the same values and rows come out with another index.
+            own = ((self_slots - ptr).remainder(size)).unsqueeze(1)  # (B, 1) the own row's rank position
+            last = torch.argsort((order == own).to(torch.int8), dim=1, stable=True)
+            order = order.gather(1, last)
+        ranks = order[:, :k]
         vals = torch.gather(sim, 1, ranks)
         return vals.to(torch.promote_types(vals.dtype, torch.float32)), (ranks + ptr).remainder(size)
 
