@@ -203,6 +203,10 @@ def test_family_trains_three_steps(trained):
     assert all(torch.isfinite(v).all() for v in after.values())
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert len(changed) > len(before) // 2, f"{family}: only {changed} changed"
+    # The checkpoint's own pooling layer is the cls MLP (unused under avg; redrawn by --reinit_mlp, the trainer's
+    # default) and is written back as the model's pooling layer.
+    pooling = [k for k in after if k.split(".")[0] == "pooler"]
+    assert bool(pooling) == trained["has_pooler"], f"{family}: pooling layer {pooling}"
 
 
 def test_family_reloads_with_the_same_embeddings(trained, tokenizer):
@@ -213,6 +217,7 @@ def test_family_reloads_with_the_same_embeddings(trained, tokenizer):
     folder = trained["model"]
     encoder = SentenceEncoder.from_pretrained(folder)
     assert encoder.pooler == "avg"
+    assert (encoder.mlp is not None) == trained["has_pooler"]  # under avg, an MLP only as the model's pooling layer
     ours = encoder.encode(SENTENCES + [LONG], batch_size=3, show_progress=False)  # (5, 32) float32
     assert ours.shape == (len(SENTENCES) + 1, HIDDEN) and torch.isfinite(ours).all()
 
