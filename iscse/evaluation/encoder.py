@@ -1,9 +1,10 @@
 """Sentence encoder: a Hugging Face BERT/RoBERTa-like backbone plus a SimCSE/IS-CSE pooler.
 
 What is supported and tested: any checkpoint name or local folder that ``transformers.AutoModel`` /
-``AutoTokenizer`` load as an encoder returning ``last_hidden_state`` and ``hidden_states`` (BERT, RoBERTa and
-their relatives); the five poolers of SimCSE (Gao et al., 2021, ``simcse/models.py`` and ``evaluation.py``), which
-IS-CSE (He et al., 2023) uses unchanged:
+``AutoTokenizer`` load as an encoder returning ``last_hidden_state`` and ``hidden_states`` (tested on tiny
+random configs of BERT, RoBERTa, DistilBERT, ALBERT, ELECTRA, MPNet, DeBERTa-v2, XLM-RoBERTa and ModernBERT:
+``tests/test_families.py``); the five poolers of SimCSE (Gao et al., 2021, ``simcse/models.py`` and
+``evaluation.py``), which IS-CSE (He et al., 2023) uses unchanged:
 
 - ``cls``: the [CLS] (first token) hidden state followed by the MLP head (dense hidden->hidden, then tanh). The
   MLP is applied in training, and at evaluation too unless ``mlp_only_train`` (SimCSE's unsupervised setting).
@@ -16,8 +17,9 @@ IS-CSE (He et al., 2023) uses unchanged:
 Where the MLP lives. SimCSE's converted checkpoints (``simcse_to_huggingface.py``) store the trained MLP as the
 Hugging Face pooling layer (``pooler.dense``), so ``AutoModel(...).pooler_output`` is SimCSE's ``cls`` embedding.
 This module follows that convention both ways: when the backbone has such a pooling layer (dense + tanh on the
-first token, as ``BertPooler`` / ``RobertaPooler``), its ``dense`` layer *is* the MLP (loaded from the checkpoint,
-trained, and written back by ``save_pretrained``); the backbone itself runs without it. SimCSE's training code
+first token, as ``BertPooler`` / ``RobertaPooler`` / ``MPNetPooler``, or ALBERT's ``pooler`` Linear with its
+``pooler_activation`` Tanh), its ``dense`` layer *is* the MLP (loaded from the checkpoint, trained, and written
+back by ``save_pretrained``); the backbone itself runs without it. SimCSE's training code
 instead starts from a freshly initialised MLP (``BertForCL`` has no pooling layer): pass ``reinit_mlp=True`` to
 ``from_pretrained`` for that. Backbones without such a pooling layer get a fresh MLP, saved beside the weights in
 ``iscse_mlp.safetensors``.
@@ -55,7 +57,10 @@ _ISCSE_MLP = "iscse_mlp.safetensors"
 _HUB_KWARGS = ("revision", "cache_dir", "token", "local_files_only", "trust_remote_code", "subfolder")
 # Model types whose position ids start after the padding index: 514 position embeddings hold 512 tokens.
 _OFFSET_POSITION_MODELS = ("roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "roberta-prelayernorm",
-                           "data2vec-text", "longformer")
+                           "data2vec-text", "longformer", "mpnet")
+# ... of which these take a fixed padding index whatever config.pad_token_id says (transformers' MPNetEmbeddings
+# sets padding_idx = 1), so a checkpoint paired with another tokenizer still loses those slots.
+_FIXED_PADDING_INDEX = {"mpnet": 1}
 
 
 def looks_local(name_or_path: str | os.PathLike) -> bool:
@@ -187,15 +192,20 @@ def pool(
     return (tokens * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1e-9)  # (B, H)
 
 
-def _hf_dense_tanh_pooler(backbone: nn.Module, hidden_size: int) -> nn.Module | None:
-    """The backbone's pooling layer if it is BERT's dense + tanh over the first token, else None."""
+def _hf_dense_tanh_pooler(backbone: nn.Module, hidden_size: int) -> tuple[nn.Module, nn.Linear] | None:
+    """``(backbone.pooler, its dense layer)`` if the backbone's pooling layer is BERT's dense + tanh over the first
+    token, else None. Two layouts have it: ``pooler`` a module of exactly ``dense`` and ``activation`` (BERT,
+    RoBERTa, XLM-R, MPNet, ...), and ALBERT's ``pooler`` Linear beside a ``pooler_activation`` Tanh."""
     pooler = getattr(backbone, "pooler", None)
-    dense = getattr(pooler, "dense", None)
-    activation = getattr(pooler, "activation", None)
-    if (isinstance(pooler, nn.Module) and isinstance(dense, nn.Linear) and isinstance(activation, nn.Tanh)
-            and dense.in_features == hidden_size and dense.out_features == hidden_size
-            and set(dict(pooler.named_children())) == {"dense", "activation"}):
-        return pooler
+    if isinstance(pooler, nn.Linear):  # ALBERT: the activation is a sibling, applied only when pooler is set
+        dense, activation = pooler, getattr(backbone, "pooler_activation", None)
+    else:
+        dense, activation = getattr(pooler, "dense", None), getattr(pooler, "activation", None)
+        if not isinstance(pooler, nn.Module) or set(dict(pooler.named_children())) != {"dense", "activation"}:
+            return None
+    if (isinstance(dense, nn.Linear) and isinstance(activation, nn.Tanh) and dense.in_features == hidden_size
+            and dense.out_features == hidden_size):
+        return pooler, dense
     return None
 
 
@@ -231,12 +241,13 @@ class SentenceEncoder(nn.Module):
         self._pooler = pooler
         self.mlp_only_train = mlp_only_train
 
-        hf_pooler = _hf_dense_tanh_pooler(backbone, hidden_size)
-        if hf_pooler is not None:
+        found = _hf_dense_tanh_pooler(backbone, hidden_size)
+        hf_pooler = None if found is None else found[0]
+        if found is not None:
             # The backbone's pooling layer is SimCSE's MLP: share its Linear, and run the backbone without it so
             # no parameter goes unused (DDP) and no work is wasted. save_pretrained puts it back.
             backbone.pooler = None
-            self.mlp: MLPLayer | None = MLPLayer(hidden_size, dense=hf_pooler.dense)
+            self.mlp: MLPLayer | None = MLPLayer(hidden_size, dense=found[1])
         elif pooler == "cls":
             self.mlp = MLPLayer(hidden_size, initializer_range=getattr(config, "initializer_range", 0.02))
         else:
@@ -340,8 +351,9 @@ class SentenceEncoder(nn.Module):
         config = self.backbone.config
         positions = getattr(config, "max_position_embeddings", None)
         if isinstance(positions, int) and positions > 0:
-            if getattr(config, "model_type", None) in _OFFSET_POSITION_MODELS:
-                pad = getattr(config, "pad_token_id", None)
+            model_type = getattr(config, "model_type", None)
+            if model_type in _OFFSET_POSITION_MODELS:
+                pad = _FIXED_PADDING_INDEX.get(model_type, getattr(config, "pad_token_id", None))
                 positions -= (1 if pad is None else pad) + 1
             limits.append(positions)
         return min(limits) if limits else 512
