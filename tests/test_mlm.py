@@ -282,3 +282,39 @@ def test_bad_mlm_values_fail_in_one_line_before_writing(nomask, tmp_path, capsys
     if flags == ["--do_mlm"]:
         assert "mask token" in err
     assert not out.exists()
+
+
+def test_gradient_sum_scales_the_contrastive_part_only():
+    """--ddp_gradient sum: the value is world x the loss (the trainer divides it back for the log); the gradient is
+    world x that of L_cl + alpha L_s but 1 x that of mlm_weight L_mlm (DDP's average of the processes' own MLM
+    gradients is already their mean)."""
+    from iscse.training.mlm import scale_for_gradient_sum
+
+    a = torch.tensor(1.7, dtype=torch.float64, requires_grad=True)  # stands for L_cl + alpha L_s
+    m = torch.tensor(4.2, dtype=torch.float64, requires_grad=True)  # stands for L_mlm
+    w, world = 0.3, 4
+    out = scale_for_gradient_sum(a + w * m, m, w, world)
+    out.backward()
+    assert out.item() == pytest.approx(world * (1.7 + w * 4.2), rel=1e-15)
+    assert a.grad.item() == pytest.approx(world) and m.grad.item() == pytest.approx(w)
+    a.grad = None
+    plain = scale_for_gradient_sum(a * 1.0, None, w, world)
+    plain.backward()
+    assert plain.item() == pytest.approx(world * 1.7) and a.grad.item() == pytest.approx(world)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["sum"])
+def test_two_processes_train_with_mlm(mlm_nodrop, tmp_path, mode):
+    """Under torchrun (gloo, 2 processes) the masked copy goes through DDP's forward with the views (no unused
+    parameter, the head's gradients reduced), L_mlm is logged and the checkpoint carries the head."""
+    from test_distributed import _torchrun
+
+    out = tmp_path / "ddp"
+    _torchrun(tiny_args(mlm_nodrop, out, do_mlm=True, per_device_train_batch_size=4, max_steps=3, save_steps=3,
+                        logging_steps=1, ddp_gradient=mode))
+    rec = read_metrics(out)
+    assert [r["step"] for r in rec] == [1, 2, 3] and all(r["L_mlm"] > 0 for r in rec)
+    for r in rec:
+        assert r["loss"] == pytest.approx(r["L_cl"] + r["alpha"] * r["L_s"] + 0.1 * r["L_mlm"], rel=1e-6)
+    assert (out / "checkpoint-3" / MLM_HEAD_FILE).is_file()

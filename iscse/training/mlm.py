@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 __all__ = ["MLM_HEAD_FILE", "IGNORE_INDEX", "check_mlm_tokenizer", "mask_seed", "TokenMasker", "MaskedLMHead",
-           "mlm_loss"]
+           "mlm_loss", "scale_for_gradient_sum"]
 
 logger = logging.getLogger("iscse.train")
 
@@ -240,3 +240,17 @@ def mlm_loss(logits: torch.Tensor, labels: torch.Tensor, num_masked: Optional[in
         return total / num_masked.clamp_min(1)
     return total / max(int(num_masked), 1)
 
+
+
+def scale_for_gradient_sum(loss: torch.Tensor, l_mlm: Optional[torch.Tensor], mlm_weight: float,
+                           world_size: int) -> torch.Tensor:
+    """The loss one process backpropagates under ``--ddp_gradient sum``, where DDP averages gradients over
+    ``world_size`` processes: ``loss = L_cl + alpha L_s (+ mlm_weight L_mlm)`` is scaled by ``world_size`` in value,
+    so the contrastive part, a global loss of which each process differentiates its own slice, sums to the
+    global-batch gradient; but ``L_mlm`` is each process's own loss, whose averaged gradient already is the mean over
+    processes, so its gradient keeps weight ``mlm_weight`` (its value is scaled with the rest, because the trainer
+    divides the reported loss back by ``world_size``). Scalars in, scalar out."""
+    scaled = loss * world_size
+    if l_mlm is None:
+        return scaled
+    return scaled - (world_size - 1) * mlm_weight * (l_mlm - l_mlm.detach())

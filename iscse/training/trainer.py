@@ -46,7 +46,7 @@ from ..evaluation.encoder import SentenceEncoder
 from .arguments import ISCSETrainingArguments, settings_of
 from .callbacks import MetricsLog, QuietProgress, RankSeed, StopOnSignal
 from .checkpoints import publish, write_manifest
-from .mlm import MLM_HEAD_FILE, TokenMasker, mask_seed, mlm_loss
+from .mlm import MLM_HEAD_FILE, TokenMasker, mask_seed, mlm_loss, scale_for_gradient_sum
 from .model import ISCSEModel, StepAlpha
 
 __all__ = ["ISCSETrainer", "EpochDataLoader"]
@@ -175,13 +175,7 @@ class ISCSETrainer(Trainer):
         # Every rank holds the same global loss; DDP averages the per-rank gradients ("mean", the reference) or,
         # scaled by the world size, sums them into exactly the global-batch gradient ("sum").
         if args.ddp_gradient == "sum" and is_distributed():
-            world = dist.get_world_size()
-            loss = loss * world
-            if l_mlm is not None:
-                # L_mlm is each process's own loss, not a global one: DDP's average of its gradients is already the
-                # mean over processes (the reference's), so its gradient must not be scaled; its value is, because
-                # training_step divides the reported loss back by the world size.
-                loss = loss - (world - 1) * args.mlm_weight * (l_mlm - l_mlm.detach())
+            loss = scale_for_gradient_sum(loss, l_mlm, args.mlm_weight, dist.get_world_size())
         return (loss, emb) if return_outputs else loss
 
     def _mask_for_mlm(self, input_ids: torch.Tensor):
