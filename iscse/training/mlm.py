@@ -77,7 +77,8 @@ class TokenMasker:
     chosen tokens are replaced by the mask token (80%), a random token (10%) or kept (10%), and ``labels`` holds their
     original id there and :data:`IGNORE_INDEX` everywhere else; and the number of chosen tokens, a Python int (known
     on the host, so no device sync is needed to use it). The draws come from a CPU generator seeded with ``seed``
-    only.
+    only. ``transformers``' masking works on CPU tensors, so ids on a GPU are copied to the host first: one small
+    device-to-host copy (a sync) per micro-batch, of ``N x L`` int64 (32 KB at the paper's shape).
     """
 
     def __init__(self, tokenizer: Any, mlm_probability: float = 0.15) -> None:
