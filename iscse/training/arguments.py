@@ -189,6 +189,13 @@ class ISCSETrainingArguments(TrainingArguments):
         "ISCSELoss backend (auto: triton on CUDA when usable, else torch)"))
     ddp_gradient: Literal["mean", "sum"] = field(default="mean", metadata=_help(
         "under torchrun: mean = the reference's averaged gradients; sum = exactly the global-batch gradient"))
+    do_mlm: bool = field(default=False, metadata=_help(
+        "add SimCSE's masked-LM auxiliary loss: a masked copy of the batch is encoded separately and "
+        "L = L_cl + alpha L_s + mlm_weight L_mlm (the head comes from the checkpoint when it has one; "
+        "default: off)"))
+    mlm_weight: float = field(default=0.1, metadata=_help("weight of the masked-LM loss with --do_mlm (default: 0.1)"))
+    mlm_probability: float = field(default=0.15, metadata=_help(
+        "share of the tokens masked for --do_mlm (of those: 80%% [MASK], 10%% random, 10%% kept; default: 0.15)"))
 
     def __post_init__(self) -> None:
         # The values as given, before TrainingArguments rewrites some of them: what train_config.json records and
@@ -415,6 +422,10 @@ def validate_args(args: ISCSETrainingArguments) -> None:
     for name in ("weight_decay", "max_grad_norm", "alpha", "alpha_start", "alpha_end"):
         v = getattr(args, name)
         need(is_num(v) and v >= 0, f"--{name} must be a number >= 0, got {v!r}")
+    need(is_num(args.mlm_weight) and args.mlm_weight >= 0, f"--mlm_weight must be a number >= 0, got "
+                                                           f"{args.mlm_weight!r}")
+    need(is_num(args.mlm_probability) and 0 < args.mlm_probability < 1,
+         f"--mlm_probability must be a number in (0, 1), got {args.mlm_probability!r}")
     for name in ("adam_beta1", "adam_beta2"):
         v = getattr(args, name)
         need(is_num(v) and 0 <= v < 1, f"--{name} must be in [0, 1), got {v!r}")

@@ -1,7 +1,8 @@
 """``transformers.TrainerCallback`` s of the IS-CSE trainer.
 
 - :class:`MetricsLog`: ``metrics.jsonl`` (one JSON object a line: every step's ``loss``, ``L_cl``, ``L_s``,
-  ``alpha``, ``lr``, ``epoch``, and ``grad_norm`` at logging steps; every evaluation; the test scores) and the
+  ``L_mlm`` (with ``--do_mlm``: the masked-LM loss, rank 0's under DDP), ``alpha``, ``lr``, ``epoch``, and
+  ``grad_norm`` at logging steps; every evaluation; the test scores) and the
   human-readable log line every ``--logging_steps``. Per-step values stay on the device until a logging step (or a
   checkpoint), when they are read back with one sync.
 - :class:`StopOnSignal`: Ctrl-C (SIGINT) or SIGTERM finishes the current step, saves a checkpoint and stops; a
@@ -54,9 +55,11 @@ class MetricsLog(TrainerCallback):
     # ------------------------------------------------------------------ called by the trainer
 
     def add(self, step: int, loss: torch.Tensor, l_cl: torch.Tensor, l_s: torch.Tensor, alpha: float,
-            lr: float) -> None:
-        """Record one micro-batch of optimizer step ``step`` (1-based): device scalars, no sync."""
-        values = torch.stack([loss.detach().float(), l_cl.detach().float(), l_s.detach().float()])
+            lr: float, l_mlm: Optional[torch.Tensor] = None) -> None:
+        """Record one micro-batch of optimizer step ``step`` (1-based): device scalars, no sync. ``l_mlm``: the
+        masked-LM loss (``--do_mlm``), recorded as ``L_mlm``."""
+        parts = [loss, l_cl, l_s] + ([] if l_mlm is None else [l_mlm])
+        values = torch.stack([v.detach().float() for v in parts])
         entry = self._pending.get(step)
         if entry is None:
             self._pending[step] = {"values": values, "n": 1, "alpha": float(alpha), "lr": float(lr)}
@@ -76,12 +79,18 @@ class MetricsLog(TrainerCallback):
         if not self._pending:
             return None
         steps = sorted(self._pending)
-        stacked = torch.stack([self._pending[s]["values"] / self._pending[s]["n"] for s in steps]).double().cpu()
+        means = [self._pending[s]["values"] / self._pending[s]["n"] for s in steps]
+        width = max(len(m) for m in means)  # 4 when L_mlm is recorded
+        stacked = torch.stack([torch.nn.functional.pad(m, (0, width - len(m)), value=float("nan"))
+                               for m in means]).double().cpu()
         records = []
-        for step, (loss, l_cl, l_s) in zip(steps, stacked.tolist()):
+        for step, row in zip(steps, stacked.tolist()):
             entry = self._pending[step]
+            loss, l_cl, l_s = row[:3]
             rec = {"event": "train", "step": step, "epoch": entry.get("epoch"), "loss": loss, "L_cl": l_cl,
                    "L_s": l_s, "alpha": entry["alpha"], "lr": entry["lr"]}
+            if len(self._pending[step]["values"]) > 3:
+                rec["L_mlm"] = row[3]
             records.append(rec)
             if not math.isfinite(loss):
                 logger.warning("step %d: the loss is %s", step, loss)
@@ -113,9 +122,10 @@ class MetricsLog(TrainerCallback):
         now = time.perf_counter()
         rate = (now - self._last_time) / max(1, state.global_step - (self._last_step or 0))
         self._last_time, self._last_step = now, state.global_step
-        logger.info("step %d/%d | loss %.4f (L_cl %.4f, L_s %.4f, alpha %.4g) | lr %.3g%s | %.2f s/step",
+        logger.info("step %d/%d | loss %.4f (L_cl %.4f, L_s %.4f, alpha %.4g%s) | lr %.3g%s | %.2f s/step",
                     last["step"], state.max_steps, last["loss"], last["L_cl"], last["L_s"], last["alpha"],
-                    last["lr"], f" | grad_norm {last['grad_norm']:.3g}" if "grad_norm" in last else "", rate)
+                    f", L_mlm {last['L_mlm']:.4f}" if "L_mlm" in last else "", last["lr"],
+                    f" | grad_norm {last['grad_norm']:.3g}" if "grad_norm" in last else "", rate)
 
     def on_train_end(self, args, state, control, **kwargs):
         self.flush()

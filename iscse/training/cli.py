@@ -118,6 +118,30 @@ def _load_encoder(args, source: str, resume: bool):
     return encoder
 
 
+def _load_mlm_head(args, encoder, resume_dir: Optional[Path]):
+    """``--do_mlm``: the masked-LM head on the encoder's backbone, from ``--model_name_or_path`` (initialised, with a
+    warning, when the checkpoint has none); a resumed run starts from an initialised one and the trainer loads the
+    checkpoint's head into it. Raises ConfigError naming the flag."""
+    from .errors import ConfigError
+    from .mlm import MLM_HEAD_FILE, MaskedLMHead, check_mlm_tokenizer
+
+    source = str(resume_dir) if resume_dir else args.model_name_or_path
+    try:
+        check_mlm_tokenizer(encoder.tokenizer, encoder.config.vocab_size)
+    except ValueError as exc:
+        raise ConfigError(f"--do_mlm: {source!r}: {exc}") from None
+    if resume_dir is not None:
+        if not (resume_dir / MLM_HEAD_FILE).is_file():
+            raise ConfigError(f"--resume_from {str(resume_dir)!r} holds no {MLM_HEAD_FILE}: it was not saved by a "
+                              "--do_mlm run")
+        return MaskedLMHead.from_config(encoder.backbone)
+    try:
+        return MaskedLMHead.from_pretrained(encoder.backbone, source)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--do_mlm: the masked-LM head of {source!r} could not be loaded ({_first_line(exc)})") \
+            from None
+
+
 def _check_resume(args, num_examples: int) -> None:
     from .errors import ConfigError
     from .checkpoints import MANIFEST
@@ -205,6 +229,7 @@ def train(args) -> Dict[str, Any]:
     if data["data_dir"] is not None:
         _check_eval_data(data["data_dir"], args)
     encoder = _load_encoder(args, str(resume_dir) if resume_dir else args.model_name_or_path, resume_dir is not None)
+    mlm = _load_mlm_head(args, encoder, resume_dir) if args.do_mlm else None
 
     tok = encoder.tokenizer
     cache = Path(args.cache_dir or default_cache_dir()).expanduser() / "datasets"
@@ -235,7 +260,7 @@ def train(args) -> Dict[str, Any]:
         criterion = ISCSELoss(encoder.hidden_size, buffer_size=args.buffer_size, k=args.k, temperature=args.temp,
                               attn_temperature=args.attn_temp, alpha=alpha, backend=args.ops, check_finite=False,
                               grouping=args.grouping, aggregation=args.aggregation)
-    model = ISCSEModel(encoder, criterion)
+    model = ISCSEModel(encoder, criterion, mlm)
 
     # ------------------------------------------------------------------ from here on, files are written
     handler = None
@@ -249,10 +274,11 @@ def train(args) -> Dict[str, Any]:
     try:
         trainer = ISCSETrainer(model, args, dataset, data["data_dir"], alpha=alpha, num_examples=len(dataset))
         logger.info("training %s (pooler %s, mlp_only_train %s) on %s: %d lines, global batch %d (%d process%s), "
-                    "%d steps (%d batches an epoch), objective %s, ops %s, device %s%s%s",
+                    "%d steps (%d batches an epoch), objective %s%s, ops %s, device %s%s%s",
                     args.model_name_or_path, args.pooler_type, args.mlp_only_train, data["train_file"], len(dataset),
                     global_batch, args.world_size, "" if args.world_size == 1 else "es", total_steps, per_epoch,
-                    args.objective, args.ops, args.device, ", fp16" if args.fp16 else ", bf16" if args.bf16 else "",
+                    args.objective, f" + {args.mlm_weight:g} x MLM (p {args.mlm_probability:g})" if args.do_mlm
+                    else "", args.ops, args.device, ", fp16" if args.fp16 else ", bf16" if args.bf16 else "",
                     f"; resuming from {resume_dir}" if resume_dir else "")
         started = time.perf_counter()
         try:

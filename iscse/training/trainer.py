@@ -8,7 +8,9 @@ scheduler and scaler, their rotation, resuming (including skipping the batches a
 
 - :meth:`compute_loss`: one forward pass over the batch with every sentence twice (dropout makes the two views),
   ``z1, z2`` all-gathered across processes with the local slice kept differentiable (as the reference code), and
-  ``L = L_cl + alpha * L_s`` by :class:`iscse.ISCSELoss`, whose memory buffer sees the global batch on every rank.
+  ``L = L_cl + alpha * L_s`` by :class:`iscse.ISCSELoss`, whose memory buffer sees the global batch on every rank;
+  with ``--do_mlm``, ``+ mlm_weight * L_mlm`` over a masked copy of the batch encoded separately
+  (:mod:`iscse.training.mlm`; ``L_mlm`` is each process's own).
   ``--ddp_gradient sum`` scales the loss by the world size so DDP's averaged gradient is the global batch's.
 - :meth:`get_train_dataloader`: each epoch a permutation seeded with ``seed + epoch``, cut into global batches of
   which rank ``r`` reads the ``r``-th slice; so the data order is the same for any number of processes with the
@@ -44,6 +46,7 @@ from ..evaluation.encoder import SentenceEncoder
 from .arguments import ISCSETrainingArguments, settings_of
 from .callbacks import MetricsLog, QuietProgress, RankSeed, StopOnSignal
 from .checkpoints import publish, write_manifest
+from .mlm import MLM_HEAD_FILE, TokenMasker, mask_seed, mlm_loss, scale_for_gradient_sum
 from .model import ISCSEModel, StepAlpha
 
 __all__ = ["ISCSETrainer", "EpochDataLoader"]
@@ -91,6 +94,8 @@ class ISCSETrainer(Trainer):
         self.first_eval: Optional[Dict[str, float]] = None  # the first STS-B dev score of this run: {"step", "score"}
         self.evaluated = False
         self._num_examples = num_examples if num_examples is not None else len(train_dataset)
+        self._mlm_masker: Optional[TokenMasker] = None
+        self._mlm_micro = (0, 0)  # (optimizer step, micro-batch index) of the last masked micro-batch
         tokenizer = model.encoder.tokenizer
         super().__init__(
             model=model, args=args, train_dataset=train_dataset,
@@ -135,7 +140,12 @@ class ISCSETrainer(Trainer):
                      num_items_in_batch=None):
         """Two dropout views, all-gather, IS-CSE (or SimCSE) loss; see the module docstring."""
         args = self.args
-        emb = model(**inputs)  # (2B, H): rows 2i and 2i + 1 are the two views of sentence i
+        mlm = getattr(self.model, "mlm", None) if model.training else None
+        if mlm is not None:
+            mlm_ids, mlm_labels, num_masked = self._mask_for_mlm(inputs["input_ids"])
+            emb, mlm_logits = model(**inputs, mlm_input_ids=mlm_ids)  # the masked copy is encoded separately
+        else:
+            emb = model(**inputs)  # (2B, H): rows 2i and 2i + 1 are the two views of sentence i
         emb = emb.float()  # the loss runs in fp32, outside autocast
         z = emb.reshape(-1, 2, emb.shape[-1])  # (B, 2, H)
         z1, z2 = gather_with_grad(z[:, 0]), gather_with_grad(z[:, 1])  # (global B, H)
@@ -156,13 +166,28 @@ class ISCSETrainer(Trainer):
                 alpha = 0.0
                 loss = info_nce(z1, z2, args.temp, backend=args.ops)
                 l_cl, l_s = loss.detach(), torch.zeros((), device=loss.device)
+        l_mlm = None
+        if mlm is not None:
+            l_mlm = mlm_loss(mlm_logits, mlm_labels, num_masked)  # this process's masked tokens
+            loss = loss + args.mlm_weight * l_mlm
         if model.training:
-            self.metrics.add(step, loss, l_cl, l_s, alpha, self.optimizer.param_groups[0]["lr"])
+            self.metrics.add(step, loss, l_cl, l_s, alpha, self.optimizer.param_groups[0]["lr"], l_mlm=l_mlm)
         # Every rank holds the same global loss; DDP averages the per-rank gradients ("mean", the reference) or,
         # scaled by the world size, sums them into exactly the global-batch gradient ("sum").
         if args.ddp_gradient == "sum" and is_distributed():
-            loss = loss * dist.get_world_size()
+            loss = scale_for_gradient_sum(loss, l_mlm, args.mlm_weight, dist.get_world_size())
         return (loss, emb) if return_outputs else loss
+
+    def _mask_for_mlm(self, input_ids: torch.Tensor):
+        """``--do_mlm``: the masked copy of this micro-batch's ``(N, L)`` ids, its labels and the number of masked
+        tokens. The masks are drawn from a seed fixed by (seed, process, optimizer step, micro-batch), so a resumed
+        run draws the ones the uninterrupted run drew."""
+        if self._mlm_masker is None:
+            self._mlm_masker = TokenMasker(self.encoder.tokenizer, self.args.mlm_probability)
+        step = self.state.global_step + 1
+        micro = self._mlm_micro[1] + 1 if self._mlm_micro[0] == step else 0
+        self._mlm_micro = (step, micro)
+        return self._mlm_masker(input_ids, mask_seed(self.args.seed, self.args.process_index, step, micro))
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         """The library's step; the loss it reports is the unscaled global loss under ``--ddp_gradient sum``."""
@@ -255,6 +280,10 @@ class ISCSETrainer(Trainer):
             staged = staging / name
             if self.model.criterion is not None:
                 torch.save(self.model.criterion.state_dict(), staged / LOSS_STATE)
+            if getattr(self.model, "mlm", None) is not None:  # training-only, like the loss state: not in model/
+                from safetensors.torch import save_file
+
+                save_file(self.model.mlm.head_state_dict(), str(staged / MLM_HEAD_FILE), metadata={"format": "pt"})
             _write_json(staged / "train_config.json", settings_of(self.args))
             write_manifest(staged, {
                 "step": step, "num_examples": self._num_examples, "world_size": self.args.world_size,
@@ -279,6 +308,10 @@ class ISCSETrainer(Trainer):
         if self.model.criterion is not None:
             state = torch.load(folder / LOSS_STATE, map_location="cpu", weights_only=True)
             self.model.criterion.load_state_dict(state)
+        if getattr(self.model, "mlm", None) is not None:
+            from safetensors.torch import load_file
+
+            self.model.mlm.load_head_state_dict(load_file(str(folder / MLM_HEAD_FILE), device="cpu"))
         extra = json.loads((folder / "iscse_state.json").read_text(encoding="utf-8"))
         self.best_metric, self.best_step = extra.get("best_metric"), extra.get("best_step")
         self.evaluated = bool(extra.get("evaluated", self.best_metric is not None))
