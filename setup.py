@@ -3,7 +3,14 @@
 `kernels/` is installed as the subpackage `iscse.kernels`: a top-level import name `kernels` would clash with an
 existing PyPI package.
 """
+import re
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+# One version source: iscse/__init__.py's __version__.
+VERSION = re.search(r'^__version__ = "([^"]+)"', Path(__file__).with_name("iscse").joinpath("__init__.py")
+                    .read_text(encoding="utf-8"), re.M).group(1)
 
 # torch: a range that the CPU build 2.13.0 satisfies, so a machine that installed it first installs nothing more,
 # and that still admits the 2.11 builds found on GPU machines.
@@ -35,7 +42,7 @@ EXTRAS["dev"] = sorted(
 
 setup(
     name="iscse",
-    version="0.1.0",
+    version=VERSION,
     description="Fused IS-CSE (instance-smoothed contrastive sentence embedding) ops and trainer",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",

@@ -38,12 +38,7 @@ def snapshot(x: torch.Tensor) -> torch.Tensor:
 
 
 def _count(name: str, value) -> int:
-    """An int from a state entry: a Python int or a one-element integer tensor (a host read, outside a step)."""
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1 or value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
-            raise ValueError(f"state[{name!r}] must be an int, got a {value.dtype} tensor of shape "
-                             f"{tuple(value.shape)}")
-        return int(value.item())
+    """An int from a state entry (what :meth:`MemoryBuffer.state_dict` saves)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"state[{name!r}] must be an int, got {type(value).__name__}")
     return int(value)
@@ -265,16 +260,15 @@ class MemoryBuffer:
 
     def state_dict(self) -> Dict[str, Any]:
         """Everything needed to restore the buffer exactly: storage, pointer and counters (``ptr``, ``written`` and
-        ``last_push`` as ints, so this reads the device; the same format as earlier versions saved)."""
+        ``last_push`` as ints, so this reads the device)."""
         return {"storage": self.storage, "ptr": self.ptr, "written": self.written, "last_push": self.last_push}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        """Restore from :meth:`state_dict` (this version's or an earlier one's: ``ptr`` and ``written`` may be ints
-        or one-element tensors); the storage shape must match, and is copied onto this buffer's device and dtype.
-        Validated before anything changes."""
+        """Restore from :meth:`state_dict`: the storage shape must match, and is copied onto this buffer's device and
+        dtype; ``ptr``, ``written`` and ``last_push`` are ints. Validated before anything changes."""
         if not isinstance(state, dict):
             raise ValueError(f"state must be a dict from MemoryBuffer.state_dict(), got {type(state).__name__}")
-        missing = {"storage", "ptr", "written"} - set(state)
+        missing = {"storage", "ptr", "written", "last_push"} - set(state)
         if missing:
             raise ValueError(f"state is missing {sorted(missing)}")
         storage = state["storage"]
@@ -282,7 +276,7 @@ class MemoryBuffer:
             got = tuple(storage.shape) if isinstance(storage, torch.Tensor) else type(storage).__name__
             raise ValueError(f"state['storage'] must have shape {tuple(self.storage.shape)}, got {got}")
         ptr, written = _count("ptr", state["ptr"]), _count("written", state["written"])
-        last_push = _count("last_push", state.get("last_push", 0))
+        last_push = _count("last_push", state["last_push"])
         if not 0 <= ptr < self.size or written < 0 or not 0 <= last_push <= self.size:
             raise ValueError(f"state has ptr={ptr}, written={written}, last_push={last_push}, invalid for size "
                              f"{self.size}")

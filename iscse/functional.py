@@ -179,7 +179,7 @@ def iscse_loss(z1: torch.Tensor, z2: torch.Tensor, buffer: MemoryBuffer, *, k: i
         buffer: the :class:`MemoryBuffer` (``D`` must match); it is pushed to, on success only.
         k: neighbours per query (paper: 16). temperature: InfoNCE temperature (0.05). attn_temperature: the
             attention divisor (2). alpha: weight of ``L_s`` (0.1), a number >= 0 or a 0-dim floating tensor (e.g.
-            a schedule evaluated on the device; its value is checked on CPU only).
+            a schedule evaluated on the device; a tensor's value is not checked, as that would read the device).
         backend: which implementation computes the loss (a name, or a :class:`~iscse.backends.Backend` instance
             such as ``FaissBackend(approximate=True)``); ``knn_backend``: another one for the kNN step only (e.g.
             ``"faiss"`` for very large buffers; ``backend="faiss"`` means the same with torch for the rest).

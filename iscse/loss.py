@@ -93,8 +93,8 @@ def _alpha_from_state(state) -> Union[float, AlphaSchedule]:
     if not isinstance(state, dict) or state.get("kind") not in ("constant", "cosine"):
         raise ValueError(f"ISCSELoss state['alpha'] must be None or a dict with kind 'constant' or 'cosine', "
                          f"got {state!r}")
-    if "start" not in state:  # a plain number was saved
-        return V.check_alpha(state.get("value"))
+    if set(state) == {"kind", "value"}:  # a plain number was saved (see _alpha_state)
+        return V.check_alpha(state["value"])
     return alpha_schedule(state["kind"], value=state["value"], start=state["start"], end=state["end"],
                           total_steps=state["total_steps"])
 
@@ -160,7 +160,7 @@ class ISCSELoss(nn.Module):
         grouping: ``"knn"`` (default, the paper) or ``"pddp"`` (the released code's ablation: ``buffer_size // k``
             groups by Principal Direction Divisive Partitioning; torch only, host reads every step, ``k`` may equal
             ``buffer_size``); aggregation: ``"attention"`` (default) or ``"mean"``. See :func:`iscse.iscse_loss`
-            and the README's "Ablations" section. Saved in ``state_dict()`` only when not the default.
+            and the README's "Ablations" section. Both are saved in ``state_dict()``.
 
     Inputs ``z1``, ``z2``: ``(B, D)``, ``B <= buffer_size``, any float dtype; the result is an fp32 scalar (fp64
     for fp64 inputs). State on the device: the buffer (rows, write pointer, fill count) and the step counter, so a
@@ -275,18 +275,13 @@ class ISCSELoss(nn.Module):
         return self
 
     def get_extra_state(self):
-        """``{"buffer": MemoryBuffer.state_dict(), "step": int, "alpha": dict or None, "auto_decisions": list}``
-        (reads the device), plus ``"grouping"`` / ``"aggregation"`` when not the defaults ``"knn"`` /
-        ``"attention"``. ``auto_decisions``: the ``"auto"`` backend decisions of this module's shape classes (one dict
-        per class: ``op, device, M, B, D, buffer_dtype, dtype, k, aggregation, backend``), which a resumed run reuses
-        without probing (:mod:`iscse.backends`)."""
-        state = {"buffer": self.buffer.state_dict(), "step": self.step, "alpha": _alpha_state(self.alpha),
-                 "auto_decisions": self._decisions()}
-        if self.grouping != "knn":
-            state["grouping"] = self.grouping
-        if self.aggregation != "attention":
-            state["aggregation"] = self.aggregation
-        return state
+        """``{"buffer": MemoryBuffer.state_dict(), "step": int, "alpha": dict or None, "grouping": str,
+        "aggregation": str, "auto_decisions": list}`` (reads the device). ``alpha`` is None for a callable that is not
+        an :func:`alpha_schedule` (not saved; the module keeps its own on load). ``auto_decisions``: the ``"auto"``
+        backend decisions of this module's shape classes (one dict per class: ``op, device, M, B, D, buffer_dtype,
+        dtype, k, aggregation, backend``), which a resumed run reuses without probing (:mod:`iscse.backends`)."""
+        return {"buffer": self.buffer.state_dict(), "step": self.step, "alpha": _alpha_state(self.alpha),
+                "grouping": self.grouping, "aggregation": self.aggregation, "auto_decisions": self._decisions()}
 
     def _decisions(self):
         out = []
@@ -297,20 +292,18 @@ class ISCSELoss(nn.Module):
         return out
 
     def set_extra_state(self, state) -> None:
-        """Restore the buffer, the step, the ``"auto"`` decisions and (when saved) the alpha schedule, grouping and
-        aggregation (absent: the module keeps its own). Validated before anything changes."""
-        if not isinstance(state, dict) or "buffer" not in state:
-            raise ValueError("ISCSELoss state must be a dict with a 'buffer' entry (from state_dict())")
-        step = state.get("step", 0)
-        if isinstance(step, torch.Tensor) and step.numel() == 1 and not step.is_floating_point():
-            step = int(step.item())
-        step = V.check_count("ISCSELoss state['step']", step)
-        alpha = state.get("alpha")
-        alpha = None if alpha is None else _alpha_from_state(alpha)
-        grouping = V.check_choice("ISCSELoss state['grouping']", state.get("grouping", self.grouping), GROUPINGS)
-        aggregation = V.check_choice("ISCSELoss state['aggregation']", state.get("aggregation", self.aggregation),
-                                     AGGREGATIONS)
-        decisions = _decisions_from_state(state.get("auto_decisions", []))
+        """Restore what :meth:`get_extra_state` saved: the buffer, the step, the alpha schedule (unless saved as
+        None), grouping, aggregation and the ``"auto"`` decisions. Validated before anything changes."""
+        if not isinstance(state, dict):
+            raise ValueError(f"ISCSELoss state must be a dict from state_dict(), got {type(state).__name__}")
+        missing = {"buffer", "step", "alpha", "grouping", "aggregation", "auto_decisions"} - set(state)
+        if missing:
+            raise ValueError(f"ISCSELoss state is missing {sorted(missing)} (expected what state_dict() saves)")
+        step = V.check_count("ISCSELoss state['step']", state["step"])
+        alpha = None if state["alpha"] is None else _alpha_from_state(state["alpha"])
+        grouping = V.check_choice("ISCSELoss state['grouping']", state["grouping"], GROUPINGS)
+        aggregation = V.check_choice("ISCSELoss state['aggregation']", state["aggregation"], AGGREGATIONS)
+        decisions = _decisions_from_state(state["auto_decisions"])
         if grouping == "pddp":
             check_pddp(self.k, self.buffer.size, self.knn_backend)
         else:

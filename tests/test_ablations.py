@@ -182,8 +182,8 @@ def test_module_matches_functional_and_state():
     assert state["grouping"] == "pddp" and state["aggregation"] == "mean"
     assert "grouping='pddp'" in repr(crit) and "aggregation='mean'" in repr(crit)
     default = iscse.ISCSELoss(D, buffer_size=M, k=k)
-    assert "grouping" not in default.state_dict()["_extra_state"]
-    assert "aggregation" not in default.state_dict()["_extra_state"]
+    assert default.state_dict()["_extra_state"]["grouping"] == "knn"
+    assert default.state_dict()["_extra_state"]["aggregation"] == "attention"
     assert "grouping" not in repr(default)
     default.load_state_dict(crit.state_dict())  # restores the ablation with the buffer
     assert (default.grouping, default.aggregation) == ("pddp", "mean")

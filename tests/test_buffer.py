@@ -55,9 +55,9 @@ def test_load_state_dict_validates_before_changing():
     buf.push(torch.randn(2, 3))
     before = buf.storage.clone()
     with pytest.raises(ValueError, match="storage"):
-        buf.load_state_dict({"storage": torch.zeros(5, 3), "ptr": 0, "written": 0})
+        buf.load_state_dict({"storage": torch.zeros(5, 3), "ptr": 0, "written": 0, "last_push": 0})
     with pytest.raises(ValueError, match="ptr"):
-        buf.load_state_dict({"storage": torch.zeros(6, 3), "ptr": 6, "written": 0})
+        buf.load_state_dict({"storage": torch.zeros(6, 3), "ptr": 6, "written": 0, "last_push": 0})
     assert torch.equal(buf.storage, before) and buf.ptr == 2
 
 

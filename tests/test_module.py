@@ -128,19 +128,20 @@ def test_constant_alpha_and_custom_callables_in_the_state():
         other.load_state_dict({"_extra_state": {**crit.state_dict()["_extra_state"], "step": -1}})
 
 
-def test_loads_the_state_format_of_earlier_versions():
-    """Earlier versions saved ``{"buffer": {storage, ptr: int, written: int, last_push: int}, "step": int}``
-    (no alpha), which is what existing trainer checkpoints hold."""
+def test_a_state_must_be_complete():
+    """A state is what state_dict() saves, whole: a partial one (as a hand-built dict) is refused, naming what is
+    missing, before anything changes."""
     D, M = 8, 12
     rows = torch.randn(M, D)
-    old = {"_extra_state": {"buffer": {"storage": rows, "ptr": 5, "written": 17, "last_push": 4}, "step": 4}}
+    partial = {"_extra_state": {"buffer": {"storage": rows, "ptr": 5, "written": 17, "last_push": 4}, "step": 4}}
     crit = iscse.ISCSELoss(D, buffer_size=M, k=3, alpha=0.2)
-    crit.load_state_dict(old)
-    assert (crit.step, crit.buffer.ptr, crit.buffer.written, crit.buffer.last_push) == (4, 5, 17, 4)
-    assert crit.alpha == 0.2 and crit.buffer.full and torch.equal(crit.buffer.storage, rows)
+    with pytest.raises(ValueError, match=r"missing \['aggregation', 'alpha', 'auto_decisions', 'grouping'\]"):
+        crit.load_state_dict(partial)
     state = crit.state_dict()["_extra_state"]
-    assert {k: v for k, v in state["buffer"].items() if k != "storage"} == {"ptr": 5, "written": 17, "last_push": 4}
-    assert state["step"] == 4
+    del state["buffer"]["last_push"]
+    with pytest.raises(ValueError, match="last_push"):
+        crit.load_state_dict({"_extra_state": state})
+    assert crit.step == 0 and crit.buffer.written == 0
 
 
 def test_dtype_casts_keep_the_buffer_dtype_and_device_moves_move_it():

@@ -10,9 +10,7 @@ A backend provides four operations on plain tensors (the functional API has alre
   :class:`~iscse.MemoryBuffer` passes its device tensor); only the reference (to rebuild its shifted order, by a
   gather, without reading it) and FAISS's approximate index (which reads it) use it.
 - ``smooth(q, storage, idx, vals, attn_temperature, aggregation="attention")`` -> ``z*`` ``(B, D)``,
-  differentiable in ``q``; ``aggregation="mean"`` (the paper's ablation): uniform weights ``1 / (k + 1)``. The
-  functional API passes ``aggregation`` only when it is not the default, so a backend without the ablation keeps
-  working for the paper's path.
+  differentiable in ``q``; ``aggregation="mean"`` (the paper's ablation): uniform weights ``1 / (k + 1)``.
 - ``info_nce(a, b, temperature)`` -> scalar, differentiable in ``a`` and ``b``.
 - ``iscse_loss(z1, z2, q2, storage, self_slots, ptr, k, temperature, attn_temperature, smooth, knn,
   aggregation="attention")`` -> ``(L_cl, L_s)``; the default composes the three above, a fused backend overrides
