@@ -47,7 +47,8 @@ its shape, dtype, median and ratio), ``--device`` (default: ``cuda`` when availa
 they are the same on every machine).
 
 Exit status: 0 when every verification passed, 1 when any failed (or raised), 2 for bad arguments (one line on
-stderr). A backend that is listed as available but cannot run on the device at all (e.g. a CPU-only FAISS with CUDA
+stderr), 3 when interrupted (SIGINT, e.g. ``timeout -s INT``) before the end with no failure so far; an interrupted
+run still prints and writes what it checked and timed. A backend that is listed as available but cannot run on the device at all (e.g. a CPU-only FAISS with CUDA
 tensors) is reported as unusable, not as a failure.
 """
 from __future__ import annotations
@@ -64,7 +65,7 @@ import sys
 import time
 import zlib
 from importlib import metadata
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -371,12 +372,13 @@ def plan(impl, device: torch.device, quick: bool) -> List[dict]:
 
 
 def verify_backend(name: str, device: torch.device, *, quick: bool, seed: int = 0,
-                   progress: Callable[[str], None] = lambda msg: None) -> List[dict]:
+                   records: Optional[List[dict]] = None) -> List[dict]:
     """Run :func:`plan`'s checks of backend ``name`` on ``device``; one record per check: the plan's fields plus
     ``backend``, ``errors`` (``{quantity: [error, tolerance]}``), ``worst`` (the quantity furthest over or nearest
-    to its tolerance), ``passed`` and ``exception`` (None, or the error a check raised, which fails it)."""
+    to its tolerance), ``passed`` and ``exception`` (None, or the error a check raised, which fails it). Each
+    record is appended to ``records`` (a new list when None) as soon as it is made, and the list returned."""
     impl = get_backend(name, device)
-    records = []
+    records = [] if records is None else records
     for item in plan(impl, device, quick):
         key = f"{name}|{item['op']}|{item['shape']}|{item['dtype']}|{item['aggregation']}|{item['mode']}"
         inp = _Inputs(seed * 1_000_003 + zlib.crc32(key.encode()), device)
@@ -624,9 +626,11 @@ def format_report(doc: dict) -> str:
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     s = doc["summary"]
+    if doc.get("interrupted"):
+        lines += ["", "INTERRUPTED before the end: the checks and timings above are those that ran"]
     lines += ["", f"{s['checks']} checks, {s['failed']} failed" + (f" ({', '.join(s['failed_backends'])})"
                                                                   if s["failed"] else "")
-              + f"; {s['seconds']:.0f} s. " + ("PASSED" if s["failed"] == 0 else
+              + f"; {s['seconds']:.0f} s. " + ("PASSED" if doc["passed"] else "INCOMPLETE" if s["failed"] == 0 else
                                                "FAILED: please report it with this output (or --json) attached")]
     return "\n".join(lines)
 
@@ -654,6 +658,53 @@ def _parser() -> argparse.ArgumentParser:
 
 def _log(msg: str) -> None:
     print(f"[iscse.check] {msg}", file=sys.stderr, flush=True)
+
+
+def _run(doc: dict, wanted: List[str], device: torch.device, args) -> None:
+    """Verify, then time, filling ``doc`` as it goes (so an interruption keeps what was done)."""
+    verified = []
+    for name in wanted:
+        why = _usable(name, device)
+        if why:
+            doc["backends"][name] = f"unusable on {device}: {why}"
+            _log(f"{name}: unusable on {device} ({why}); not verified")
+            continue
+        t = time.time()
+        _log(f"verifying {name} on {device}")
+        doc["backends"][name] = "interrupted while being verified"  # until its checks are all done
+        start = len(doc["checks"])
+        verify_backend(name, device, quick=args.quick, seed=args.seed, records=doc["checks"])
+        impl = get_backend(name, device)
+        if device.type == "cuda" and not impl.knn_only and not impl.syncs_host:
+            doc["checks"].append(graph_replay_check(name, device, seed=args.seed))
+        recs = doc["checks"][start:]
+        failed = sum(not r["passed"] for r in recs)
+        doc["backends"][name] = f"verified: {len(recs)} checks, {failed} failed"
+        verified.append(name)
+        _log(f"verified {name}: {len(recs)} checks, {failed} failed ({time.time() - t:.1f} s)")
+    if not args.no_timing:
+        doc["timings"] = []
+        timed = [n for n in verified if n != "reference"]
+        if device.type == "cpu" and "triton" in timed and _interpreted():
+            timed.remove("triton")
+            for shape in TIMING_SHAPES["cpu"][:1 if args.quick else None]:
+                doc["timings"].append({"impl": "triton", "shape": list(shape), "dtype": "fp32",
+                                       "note": "interpreter: not timed"})
+        if device.type == "cuda":
+            from iscse._roofline import measure_rates
+            from triton.testing import do_bench
+
+            _log("card rates (copy bandwidth, bf16 matmul)")
+            doc["rates"] = measure_rates(lambda fn: float(do_bench(fn, warmup=25, rep=100,
+                                                                  return_mode="median")), device)
+        shapes = TIMING_SHAPES[device.type][:1 if args.quick else None]
+        dtypes = ("fp32", "bf16") if device.type == "cuda" and not args.quick else ("fp32",)
+        for shape in shapes:
+            for label in dtypes:
+                t = time.time()
+                doc["timings"] += time_backends(timed, device, shape, label, rounds=3 if args.quick else 5,
+                                                seed=args.seed, rates=doc["rates"])
+                _log(f"timed {', '.join(['reference'] + timed)} at {shape} {label} ({time.time() - t:.1f} s)")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -687,61 +738,26 @@ def main(argv: Optional[List[str]] = None) -> int:
     else:
         wanted = [n for n, ok in available.items() if ok]
     _log(f"environment ({device})")
-    doc = {"format": 1, "quick": args.quick, "device": str(device), "seed": args.seed,
+    doc = {"format": 1, "quick": args.quick, "device": str(device), "seed": args.seed, "interrupted": False,
            "environment": environment(device), "backends": {}, "checks": [], "timings": None, "rates": None}
     for name, ok in available.items():
         doc["backends"][name] = "not selected" if ok and name not in wanted else \
             ("available" if ok else "not available (not installed, or not for this device)")
-    verified = []
-    for name in wanted:
-        why = _usable(name, device)
-        if why:
-            doc["backends"][name] = f"unusable on {device}: {why}"
-            _log(f"{name}: unusable on {device} ({why}); not verified")
-            continue
-        t = time.time()
-        recs = verify_backend(name, device, quick=args.quick, seed=args.seed)
-        impl = get_backend(name, device)
-        if device.type == "cuda" and not impl.knn_only and not impl.syncs_host:
-            recs.append(graph_replay_check(name, device, seed=args.seed))
-        doc["checks"] += recs
-        failed = sum(not r["passed"] for r in recs)
-        doc["backends"][name] = f"verified: {len(recs)} checks, {failed} failed"
-        verified.append(name)
-        _log(f"verified {name}: {len(recs)} checks, {failed} failed ({time.time() - t:.1f} s)")
-    if not args.no_timing:
-        doc["timings"] = []
-        timed = [n for n in verified if n != "reference"]
-        if device.type == "cpu" and "triton" in timed and _interpreted():
-            timed.remove("triton")
-            for shape in TIMING_SHAPES["cpu"][:1 if args.quick else None]:
-                doc["timings"].append({"impl": "triton", "shape": list(shape), "dtype": "fp32",
-                                       "note": "interpreter: not timed"})
-        if device.type == "cuda":
-            from iscse._roofline import measure_rates
-            from triton.testing import do_bench
-
-            _log("card rates (copy bandwidth, bf16 matmul)")
-            doc["rates"] = measure_rates(lambda fn: float(do_bench(fn, warmup=25, rep=100,
-                                                                  return_mode="median")), device)
-        shapes = TIMING_SHAPES[device.type][:1 if args.quick else None]
-        dtypes = ("fp32", "bf16") if device.type == "cuda" and not args.quick else ("fp32",)
-        for shape in shapes:
-            for label in dtypes:
-                t = time.time()
-                doc["timings"] += time_backends(timed, device, shape, label, rounds=3 if args.quick else 5,
-                                                seed=args.seed, rates=doc["rates"])
-                _log(f"timed {', '.join(['reference'] + timed)} at {shape} {label} ({time.time() - t:.1f} s)")
+    try:
+        _run(doc, wanted, device, args)
+    except KeyboardInterrupt:  # e.g. `timeout -s INT` (bench/device_check.sh): keep what was measured
+        doc["interrupted"] = True
+        _log("interrupted: writing what was checked so far")
     failed = [r for r in doc["checks"] if not r["passed"]]
     doc["summary"] = {"checks": len(doc["checks"]), "failed": len(failed),
                       "failed_backends": sorted({r["backend"] for r in failed}), "seconds": time.time() - t0}
-    doc["passed"] = not failed
+    doc["passed"] = not failed and not doc.get("interrupted")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(doc, f, indent=1, default=str)
             f.write("\n")
     print(format_report(doc))
-    return 1 if failed else 0
+    return 1 if failed else (3 if doc.get("interrupted") else 0)
 
 
 if __name__ == "__main__":
