@@ -74,7 +74,7 @@ import iscse
 from iscse import reference as R
 from iscse.backends import available_backends, get_backend
 
-__all__ = ["main", "environment", "verify_backend", "graph_replay_check", "time_backends", "TOLERANCES",
+__all__ = ["main", "environment", "gpu_driver", "verify_backend", "graph_replay_check", "time_backends", "TOLERANCES",
            "QUICK_SHAPES", "FULL_SHAPES", "INTERPRETER_SHAPES"]
 
 TEMPERATURE, ATTN_TEMPERATURE, ALPHA = 0.05, 2.0, 0.3
@@ -152,7 +152,8 @@ def _git_commit(folder: str) -> Optional[str]:
         return None
 
 
-def _driver() -> Optional[str]:
+def gpu_driver() -> Optional[str]:
+    """The NVIDIA driver version (``nvidia-smi``), or None where there is none."""
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
                              capture_output=True, text=True, timeout=20).stdout.strip()
@@ -163,12 +164,11 @@ def _driver() -> Optional[str]:
 
 def environment(device: torch.device) -> Dict[str, object]:
     """The machine and versions: a dict of plain values (see the module docstring)."""
-    folder = os.path.dirname(os.path.dirname(os.path.abspath(iscse.__file__)))
+    package = os.path.dirname(os.path.realpath(iscse.__file__))  # through links (bench/device_check.sh's tree)
     env: Dict[str, object] = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "python": platform.python_version(), "platform": platform.platform(),
-        "iscse": iscse.__version__, "iscse_path": os.path.dirname(os.path.abspath(iscse.__file__)),
-        "iscse_git_commit": _git_commit(folder),
+        "iscse": iscse.__version__, "iscse_path": package, "iscse_git_commit": _git_commit(package),
         "torch": torch.__version__, "torch_cuda": torch.version.cuda, "torch_threads": torch.get_num_threads(),
         "triton": _version("triton", ("triton",)), "faiss": _version("faiss", ("faiss-cpu", "faiss-gpu",
                                                                                "faiss-gpu-cu12", "faiss")),
@@ -179,7 +179,7 @@ def environment(device: torch.device) -> Dict[str, object]:
         env["gpu"] = {"name": p.name, "memory_gib": round(p.total_memory / 2**30, 1),
                       "capability": f"sm_{p.major}{p.minor}", "sms": p.multi_processor_count,
                       "count": torch.cuda.device_count()}
-        env["driver"] = _driver()
+        env["driver"] = gpu_driver()
     else:
         env["gpu"] = None
     return env
@@ -447,7 +447,7 @@ def graph_replay_check(name: str, device: torch.device, *, seed: int = 0, B: int
             loss = graphed(*static)
             loss.backward()
         outputs = [loss, *graphed.last_components]
-        smoothed = []
+        smoothed, agree = [], []
         names = ("loss", "L_cl", "L_s", "grad z1", "grad z2")
         errors = {n: 0.0 for n in names + ("buffer",)}
         for pair in data[warm:]:
@@ -460,10 +460,13 @@ def graph_replay_check(name: str, device: torch.device, *, seed: int = 0, B: int
             for n, g, w in zip(names, got, want):
                 errors[n] = max(errors[n], _rel(g, w))
             errors["buffer"] = max(errors["buffer"], _rel(graphed.buffer.storage, eager.buffer.storage))
-            smoothed.append(bool(outputs[2].item() > 0) == bool(want[2].item() > 0))
+            smoothed.append(bool(want[2].item() > 0))
+            agree.append(bool(outputs[2].item() > 0) == smoothed[-1])
         same_state = (graphed.step, graphed.buffer.ptr, graphed.buffer.written) == \
             (eager.step, eager.buffer.ptr, eager.buffer.written)
-        errors["state (step, pointer, count)"] = 0.0 if same_state and all(smoothed) else float("inf")
+        # The replays must cover the switch from filling to full (smoothing off, then on) and agree on it.
+        switched = not smoothed[0] and smoothed[-1]
+        errors["state (step, pointer, count)"] = 0.0 if same_state and all(agree) and switched else float("inf")
         rec["errors"] = {n: [e, 1e-5] for n, e in errors.items()}
         rec["worst"] = max(rec["errors"], key=lambda n: rec["errors"][n][0])
         rec["passed"] = all(e <= 1e-5 for e in errors.values())
@@ -628,6 +631,9 @@ def format_report(doc: dict) -> str:
     s = doc["summary"]
     if doc.get("interrupted"):
         lines += ["", "INTERRUPTED before the end: the checks and timings above are those that ran"]
+    if s["unusable_backends"]:
+        lines += ["", f"not verified, listed as available but unusable here: {', '.join(s['unusable_backends'])} "
+                      "(see == backends)"]
     lines += ["", f"{s['checks']} checks, {s['failed']} failed" + (f" ({', '.join(s['failed_backends'])})"
                                                                   if s["failed"] else "")
               + f"; {s['seconds']:.0f} s. " + ("PASSED" if doc["passed"] else "INCOMPLETE" if s["failed"] == 0 else
@@ -750,7 +756,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         _log("interrupted: writing what was checked so far")
     failed = [r for r in doc["checks"] if not r["passed"]]
     doc["summary"] = {"checks": len(doc["checks"]), "failed": len(failed),
-                      "failed_backends": sorted({r["backend"] for r in failed}), "seconds": time.time() - t0}
+                      "failed_backends": sorted({r["backend"] for r in failed}),
+                      "unusable_backends": sorted(n for n, v in doc["backends"].items() if v.startswith("unusable")),
+                      "seconds": time.time() - t0}
     doc["passed"] = not failed and not doc.get("interrupted")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
