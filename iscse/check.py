@@ -173,6 +173,8 @@ def environment(device: torch.device) -> Dict[str, object]:
         "triton": _version("triton", ("triton",)), "faiss": _version("faiss", ("faiss-cpu", "faiss-gpu",
                                                                                "faiss-gpu-cu12", "faiss")),
         "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET"), "cpu": _cpu_info(), "device": str(device),
+        # Other work on the machine skews the timings (threads that wait for each other), so it is recorded.
+        "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
     }
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(device if device.type == "cuda" else 0)
@@ -591,7 +593,8 @@ def format_report(doc: dict) -> str:
              f"torch {env['torch']} (CUDA {env['torch_cuda'] or '-'}, {env['torch_threads']} threads) | "
              f"triton {env['triton'] or 'not installed'} | faiss {env['faiss'] or 'not installed'} | "
              f"TRITON_INTERPRET={env['TRITON_INTERPRET'] or '-'}",
-             f"CPU: {cpu['name']}, {cpu['cores']} cores, torch capability {cpu['torch_capability']}",
+             f"CPU: {cpu['name']}, {cpu['cores']} cores, torch capability {cpu['torch_capability']}, load average "
+             f"{' '.join(map(str, env['load_average'] or ['unknown']))} (1, 5, 15 min)",
              f"CPU flags: {flag_text}"]
     gpu = env.get("gpu")
     lines.append("GPU: " + (f"{gpu['name']}, {gpu['memory_gib']} GiB, {gpu['capability']}, {gpu['sms']} SMs, "
@@ -728,7 +731,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             parser.error("--device cuda: no CUDA device is visible to torch (torch.cuda.is_available() is False)")
         if device.index is not None and device.index >= torch.cuda.device_count():
             parser.error(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)")
-        torch.cuda.set_device(device)
+        if device.index is not None:
+            torch.cuda.set_device(device)
     if args.json:
         folder = os.path.dirname(os.path.abspath(args.json))
         if not os.path.isdir(folder):
