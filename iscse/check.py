@@ -27,7 +27,8 @@ It prints, as a table on stdout (progress goes to stderr, a line per group of ch
 
   A kNN-only backend (FAISS) gets ``knn_topk`` and the step (its neighbours, the device's default for the rest). On
   CUDA the fused Triton step is checked in both of its modes (gradients made in backward from what the forward held,
-  and made in forward: ``iscse.kernels.iscse_loss.HOLD_MAX_BYTES``), and every backend that makes no host read
+  and made in forward: ``iscse.kernels.iscse_loss.HOLD_MAX_BYTES``; every combination on the largest shape, spread
+  over the others: :func:`plan`), and every backend that makes no host read
   replays a captured CUDA graph of an :class:`iscse.ISCSELoss` training step against eager steps (the buffer filling
   and then full). Under ``TRITON_INTERPRET=1`` on CPU the Triton backend is verified in the interpreter on tiny
   shapes only, its modes and dtypes spread over them (the interpreter takes about a second a step).
@@ -348,9 +349,11 @@ def plan(impl, device: torch.device, quick: bool) -> List[dict]:
     """The checks of one backend: ``{"op", "shape", "dtype", "aggregation", "mode"}`` each.
 
     Every op on every shape in fp32 and bf16 (the kNN also with a bf16 buffer), the aggregation ones in both
-    aggregations; the fused Triton step on CUDA in both of its modes. In the interpreter (Triton on CPU) the shapes
-    are :data:`INTERPRETER_SHAPES` and the (dtype, aggregation, mode) combinations are spread over them so that each
-    value of each meets every value of the others once, not all at once."""
+    aggregations. The fused Triton step also in both of its modes, all (dtype, aggregation, mode) combinations on
+    the last (largest) shape; on the other shapes, and everywhere in the interpreter (Triton on CPU, where the
+    shapes are :data:`INTERPRETER_SHAPES`), they are spread over the shapes so that each value of each meets every
+    value of the others, not all at once (each combination is a kernel specialisation to compile, or a slow
+    interpreted step)."""
     fused = _is_fused_triton(impl)
     interp = fused and device.type == "cpu"
     shapes = INTERPRETER_SHAPES if interp else (QUICK_SHAPES if quick else FULL_SHAPES)
@@ -358,8 +361,9 @@ def plan(impl, device: torch.device, quick: bool) -> List[dict]:
     items = []
     for s, shape in enumerate(shapes):
         combos = [(d, a) for d in DTYPES for a in AGGREGATIONS]
-        if interp:
-            combos = combos[s % 2::2]  # shape 0: fp32/attention, bf16/attention; shape 1: the mean pair
+        spread = fused and (interp or s < len(shapes) - 1)
+        if spread:
+            combos = combos[s % 2::2]  # even shapes: fp32/attention, bf16/attention; odd: the mean pair
         for label in ("fp32", "bf16", "bf16, bf16 buffer"):
             items.append(dict(op="knn_topk", shape=shape, dtype=label, aggregation=None, mode=None))
         if not impl.knn_only:
@@ -368,7 +372,7 @@ def plan(impl, device: torch.device, quick: bool) -> List[dict]:
             for label, aggregation in combos:
                 items.append(dict(op="smooth", shape=shape, dtype=label, aggregation=aggregation, mode=None))
         for i, (label, aggregation) in enumerate(combos):
-            for mode in ((modes[(i + s) % len(modes)],) if interp else modes):
+            for mode in ((modes[(i + s) % len(modes)],) if spread else modes):
                 items.append(dict(op="step", shape=shape, dtype=label, aggregation=aggregation, mode=mode))
     return items
 

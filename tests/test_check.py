@@ -114,6 +114,20 @@ def test_time_backends_records():
     assert recs[0]["ratio_to_reference"] == 1.0 and "floor_ms" not in recs[1]
 
 
+def test_roofline_floor():
+    """The floor at the paper's shape from given rates, each mode the larger of its bytes and FLOPs terms (both
+    bandwidth-bound here); gpu_bench uses the same function."""
+    from iscse._roofline import floors_ms
+
+    B, M, D, k, elem = 64, 1024, 768, 16, 4
+    rates = {"copy_bytes_per_s": 2e12, "bf16_flops_per_s": 5e14}
+    f = floors_ms(B, M, D, k, elem, rates)
+    fwd = max((M * D + B * k * D + 4 * B * D) * elem / 2e12, (2 * B * M * D + 4 * B * B * D) / 5e14) * 1e3
+    assert f["forward"] == pytest.approx(fwd) and f["fwd+bwd"] == pytest.approx(f["forward"] + f["backward"])
+    bwd = max((B * k * D + 6 * B * D) * elem / 2e12, (8 * B * B * D + 4 * B * k * D) / 5e14) * 1e3
+    assert f["backward"] == pytest.approx(bwd) and bwd == pytest.approx((B * k * D + 6 * B * D) * elem / 2e9)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--device", "tpu"], "--device"),
     (["--device", "cuda:7"] if torch.cuda.is_available() else ["--device", "cuda"], "--device"),
