@@ -355,7 +355,7 @@ def plan(impl, device: torch.device, quick: bool) -> List[dict]:
     value of the others, not all at once (each combination is a kernel specialisation to compile, or a slow
     interpreted step)."""
     fused = _is_fused_triton(impl)
-    interp = fused and device.type == "cpu"
+    interp = fused and (device.type == "cpu" or _interpreted())
     shapes = INTERPRETER_SHAPES if interp else (QUICK_SHAPES if quick else FULL_SHAPES)
     modes = ("held", "made in forward") if fused else (None,)
     items = []
@@ -631,7 +631,7 @@ def format_report(doc: dict) -> str:
             ratio = rec.get("ratio_to_reference")
             rows.append((rec["impl"], ",".join(map(str, rec["shape"])), rec["dtype"], f"{rec['median_ms']:.3f}",
                          f"{ratio:.3f}" if ratio is not None else "-",
-                         f"{rec['floor_ms']:.3f}" if "floor_ms" in rec else "-",
+                         f"{rec['floor_ms']:.4g}" if "floor_ms" in rec else "-",
                          f"{rec['x_floor']:.1f}" if "x_floor" in rec else "-"))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
@@ -698,9 +698,9 @@ def _run(doc: dict, wanted: List[str], device: torch.device, args) -> None:
     if not args.no_timing:
         doc["timings"] = []
         timed = [n for n in verified if n != "reference"]
-        if device.type == "cpu" and "triton" in timed and _interpreted():
+        if "triton" in timed and _interpreted():
             timed.remove("triton")
-            for shape in TIMING_SHAPES["cpu"][:1 if args.quick else None]:
+            for shape in TIMING_SHAPES[device.type][:1 if args.quick else None]:
                 doc["timings"].append({"impl": "triton", "shape": list(shape), "dtype": "fp32",
                                        "note": "interpreter: not timed"})
         if device.type == "cuda":
