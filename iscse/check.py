@@ -145,10 +145,16 @@ def _version(module: str, dists: Tuple[str, ...]) -> Optional[str]:
 
 
 def _git_commit(folder: str) -> Optional[str]:
+    """The short commit of the checkout ``folder`` is in, ``+changes`` when tracked files differ from it; None
+    outside a git checkout (an installed package)."""
     try:
-        out = subprocess.run(["git", "-C", folder, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             timeout=10)
-        return out.stdout.strip() or None if out.returncode == 0 else None
+        head = subprocess.run(["git", "-C", folder, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              timeout=10)
+        if head.returncode or not head.stdout.strip():
+            return None
+        dirty = subprocess.run(["git", "-C", folder, "status", "--porcelain", "--untracked-files=no", "."],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return head.stdout.strip() + ("+changes" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return None
 
