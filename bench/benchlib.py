@@ -48,12 +48,9 @@ def cpu_name() -> str:
 
 
 def _gpu_driver() -> Optional[str]:
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20).stdout.strip()
-        return out.splitlines()[0] if out else None
-    except (OSError, subprocess.SubprocessError):
-        return None
+    from iscse.check import gpu_driver  # one implementation: python -m iscse.check reports it too
+
+    return gpu_driver()
 
 
 def environment(packages: Iterable[str] = ("triton",)) -> Dict[str, object]:

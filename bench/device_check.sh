@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # One-shot check on a lent H100/H200 (no network, 15 minutes of device time in all), from the repository root:
 #
-#     bash bench/device_check.sh                    # every step, about 7 minutes; results in $OUT (default ./out)
-#     bash bench/device_check.sh --only bench,train # rerun some steps (a failed or cut part)
+#     bash bench/device_check.sh                    # every step, about 9 minutes; results in $OUT (default ./out)
+#     bash bench/device_check.sh --only check,bench # rerun some steps (a failed or cut part)
 #     bash bench/device_check.sh --dry-run          # the same steps on a CPU machine (TRITON_INTERPRET=1, tiny shapes)
 #
-# Options: --only STEP[,STEP...]  --budget SECONDS (whole run; default 420, dry run 150)
+# Options: --only STEP[,STEP...]  --budget SECONDS (whole run; default 540, dry run 240)
 #          --bound STEP=SECONDS (one step's limit; repeatable)  --dry-run  --help
 #
 # Always first (about 15 s): the machine (CPU count, gcc --version, whether Python.h is there: Triton 3.6 builds a
@@ -18,6 +18,10 @@
 # pip-installed (so a dry run cannot re-point an existing editable install either).
 #
 # Steps, in order of value; each has its own time limit (bound), cut further to what is left of --budget:
+#   check  (bound 150 s) python -m iscse.check (the full mode; --quick in a dry run): environment, every backend
+#          against the float64 reference (both modes of the fused step, a CUDA-graph replay), timings next to the
+#          roofline floor -> check.json. Interrupted at its bound, it still writes what it checked (status 3:
+#          "partial"). Its Triton compiles land in Triton's cache, which the next steps reuse.
 #   tests  (bound 170 s) tests/test_triton_gpu.py (two pytest processes at once, so kernels compile in parallel):
 #          the compiled kernels against the float64 reference, CUDA graph, 1M-row buffer, launch count. Fails
 #          loudly if any of them is skipped or none is collected on CUDA.
@@ -35,9 +39,9 @@
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 REPO=$PWD
-STEPS=(tests bench train extra more)
-declare -A BOUND=([tests]=170 [bench]=150 [train]=75 [extra]=120 [more]=40)
-declare -A DRY_BOUND=([tests]=40 [bench]=45 [train]=40 [extra]=45 [more]=40)
+STEPS=(check tests bench train extra more)
+declare -A BOUND=([check]=150 [tests]=170 [bench]=150 [train]=75 [extra]=120 [more]=40)
+declare -A DRY_BOUND=([check]=90 [tests]=40 [bench]=45 [train]=40 [extra]=45 [more]=40)
 MIN_STEP=20  # a step with less time than this left is not started
 
 die() { echo "device_check.sh: error: $*" >&2; exit 2; }
@@ -73,7 +77,7 @@ if [[ -n $ONLY ]]; then
     SELECTED=()
     for s in "${STEPS[@]}"; do [[ ",$ONLY," == *",$s,"* ]] && SELECTED+=("$s"); done
 fi
-[[ -z $BUDGET ]] && BUDGET=$(( DRY ? 150 : 420 ))
+[[ -z $BUDGET ]] && BUDGET=$(( DRY ? 240 : 540 ))
 is_int "$BUDGET" && ((BUDGET > 0)) || die "--budget must be a positive number of seconds, got '$BUDGET'"
 
 OUT="${OUT:-$REPO/out}"
@@ -279,6 +283,12 @@ PYTEST=(-rfEs --tb=short --durations=15 -p no:cacheprovider)
 # expressions are complements, so every test runs whatever the file holds. (SIGINT still reaches a background
 # pytest: `timeout` handles SIGINT itself, and its child starts with the default action, not an ignored signal.)
 TEST_SHARDS=("fused_step or filling or graph or launches" "not (fused_step or filling or graph or launches)")
+
+step_check() {
+    local b=$1 args=(--json "$OUT/check.json")
+    ((DRY)) && args+=(--quick)  # the interpreter: tiny shapes, no Triton timing
+    timeout -s INT -k 20 "$b" python -m iscse.check "${args[@]}"
+}
 
 step_tests() {
     local b=$1 rc=0 r i pids=() xmls=()

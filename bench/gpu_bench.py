@@ -491,36 +491,21 @@ class Timer:
 
 
 def measure_rates(timer: Timer, cuda: bool) -> dict:
-    """Copy bandwidth (bytes/s, read + write) and bf16 matmul rate (FLOP/s) on this card."""
-    import torch
-
+    """Copy bandwidth (bytes/s, read + write) and bf16 matmul rate (FLOP/s) on this card
+    (:func:`iscse._roofline.measure_rates`, which ``python -m iscse.check`` uses too)."""
     if not cuda:
         return {"copy_bytes_per_s": 1e10, "bf16_flops_per_s": 1e11, "note": "placeholders on CPU"}
-    x = torch.empty(256 * 2**20, dtype=torch.float32, device="cuda")  # 1 GiB
-    y = torch.empty_like(x)
-    med, _, _ = timer.time(lambda: y.copy_(x))
-    bw = 2 * x.numel() * 4 / (med * 1e-3)
-    del x, y
-    n = 8192
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    med, _, _ = timer.time(lambda: a @ b)
-    rate = 2 * n ** 3 / (med * 1e-3)
-    del a, b
-    torch.cuda.empty_cache()
-    return {"copy_bytes_per_s": bw, "bf16_flops_per_s": rate}
+    from iscse._roofline import measure_rates as measure
+
+    return measure(lambda fn: timer.time(fn)[0])
 
 
 def floors_ms(B, M, D, k, elem, rates) -> dict:
-    """Roofline floor (ms) of each mode: ``max(bytes / copy bandwidth, FLOPs / bf16 matmul rate)``.
+    """Roofline floor (ms) of each mode: :func:`iscse._roofline.floors_ms` (imported here, lazily: the supervisor
+    process does not import torch)."""
+    from iscse._roofline import floors_ms as floors
 
-    Forward reads the buffer once (the kNN's ``2 B M D`` FLOPs) and the ``k`` neighbours of each row, and forms the
-    two ``B x B`` logit matrices; backward forms the InfoNCE gradients (four ``B x B x D`` products) and the
-    aggregation's (``B k D``). Small terms (``B x D`` reads and writes) are counted as bytes."""
-    bw, rate = rates["copy_bytes_per_s"], rates["bf16_flops_per_s"]
-    fwd = max((M * D + B * k * D + 4 * B * D) * elem / bw, (2 * B * M * D + 4 * B * B * D) / rate)
-    bwd = max((B * k * D + 6 * B * D) * elem / bw, (8 * B * B * D + 4 * B * k * D) / rate)
-    return {"forward": fwd * 1e3, "backward": bwd * 1e3, "fwd+bwd": (fwd + bwd) * 1e3}
+    return floors(B, M, D, k, elem, rates)
 
 
 def precision_study(timer: Timer, cuda: bool, rows: list) -> None:

@@ -150,7 +150,7 @@ def test_import_iscse_is_light():
     assert proc.stderr == "", proc.stderr
 
 
-@pytest.mark.parametrize("module", ["iscse.evaluate", "iscse.train", "iscse.download"])
+@pytest.mark.parametrize("module", ["iscse.evaluate", "iscse.train", "iscse.download", "iscse.check"])
 def test_entry_points_print_no_warning(module):
     proc = _run(["-W", "default", "-m", module, "--help"])
     assert proc.returncode == 0, proc.stderr
