@@ -5,7 +5,7 @@
 #     bash bench/device_check.sh --only check,bench # rerun some steps (a failed or cut part)
 #     bash bench/device_check.sh --dry-run          # the same steps on a CPU machine (TRITON_INTERPRET=1, tiny shapes)
 #
-# Options: --only STEP[,STEP...]  --budget SECONDS (whole run; default 540, dry run 240)
+# Options: --only STEP[,STEP...]  --budget SECONDS (whole run; default 450, dry run 240)
 #          --bound STEP=SECONDS (one step's limit; repeatable)  --dry-run  --help
 #
 # Always first (about 15 s): the machine (CPU count, gcc --version, whether Python.h is there: Triton 3.6 builds a
@@ -18,16 +18,16 @@
 # pip-installed (so a dry run cannot re-point an existing editable install either).
 #
 # Steps, in order of value; each has its own time limit (bound), cut further to what is left of --budget:
-#   check  (bound 150 s) python -m iscse.check (the full mode; --quick in a dry run): environment, every backend
+#   check  (bound 120 s) python -m iscse.check (the full mode; --quick in a dry run): environment, every backend
 #          against the float64 reference (both modes of the fused step, a CUDA-graph replay), timings next to the
 #          roofline floor -> check.json. Interrupted at its bound, it still writes what it checked (status 3:
 #          "partial"). Its Triton compiles land in Triton's cache, which the next steps reuse.
-#   tests  (bound 170 s) tests/test_triton_gpu.py (two pytest processes at once, so kernels compile in parallel):
+#   tests  (bound 150 s) tests/test_triton_gpu.py (two pytest processes at once, so kernels compile in parallel):
 #          the compiled kernels against the float64 reference, CUDA graph, 1M-row buffer, launch count. Fails
 #          loudly if any of them is skipped or none is collected on CUDA.
-#   bench  (bound 150 s) bench/gpu_bench.py: card rates, then triton / reference / torch / CUDA graph at
+#   bench  (bound 120 s) bench/gpu_bench.py: card rates, then triton / reference / torch / CUDA graph at
 #          (512, 65536, 1024, 16) bf16+fp32, the paper's (64, 1024, 768, 16), and M = 1,048,576 -> gpu_bench.json
-#   train  (bound  75 s) bench/train_step_bench.py: BERT-base steps/s, paper's recipe vs ours -> train_step.json
+#   train  (bound  60 s) bench/train_step_bench.py: BERT-base steps/s, paper's recipe vs ours -> train_step.json
 #   extra  (bound 120 s) bench/gpu_bench.py: fp32 dot-precision study, then torch.compile(reference) last
 #          -> gpu_bench_extra.json
 #   more   (bound  40 s) the rest of the suite's gpu tests, and bench/faiss_gpu_bench.py when FAISS imports
@@ -40,7 +40,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 REPO=$PWD
 STEPS=(check tests bench train extra more)
-declare -A BOUND=([check]=150 [tests]=170 [bench]=150 [train]=75 [extra]=120 [more]=40)
+declare -A BOUND=([check]=120 [tests]=150 [bench]=120 [train]=60 [extra]=120 [more]=40)
 declare -A DRY_BOUND=([check]=90 [tests]=40 [bench]=45 [train]=40 [extra]=45 [more]=40)
 MIN_STEP=20  # a step with less time than this left is not started
 
@@ -77,7 +77,7 @@ if [[ -n $ONLY ]]; then
     SELECTED=()
     for s in "${STEPS[@]}"; do [[ ",$ONLY," == *",$s,"* ]] && SELECTED+=("$s"); done
 fi
-[[ -z $BUDGET ]] && BUDGET=$(( DRY ? 240 : 540 ))
+[[ -z $BUDGET ]] && BUDGET=$(( DRY ? 240 : 450 ))
 is_int "$BUDGET" && ((BUDGET > 0)) || die "--budget must be a positive number of seconds, got '$BUDGET'"
 
 OUT="${OUT:-$REPO/out}"
