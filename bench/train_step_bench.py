@@ -207,6 +207,11 @@ def run(args) -> dict:
             return
         runs[recipe.name] = r
         doc[f"warmup_s_{recipe.name}"] = round(time.perf_counter() - t0, 2)
+        if recipe.loss_backend == "auto":  # what "auto" verified and chose on the first warm-up step (full buffer)
+            import iscse.backends
+
+            doc[f"auto_decisions_{recipe.name}"] = {" ".join(map(str, key)): name for key, name in
+                                                    iscse.backends.auto_decisions().items()}
         print(f"{recipe.name}: built and warmed up ({args.warmup} steps) in {time.perf_counter() - t0:.1f}s",
               flush=True)
 
