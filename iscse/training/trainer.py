@@ -38,7 +38,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import rotate_checkpoints
 
 from .. import __version__
-from .data import EpochBatchSampler, collate_two_views
+from .data import EpochBatchSampler, collate_sentences
 from .distributed import gather_with_grad, is_distributed
 from ..evaluation.encoder import SentenceEncoder
 from .arguments import ISCSETrainingArguments, settings_of
@@ -91,12 +91,13 @@ class ISCSETrainer(Trainer):
         self.first_eval: Optional[Dict[str, float]] = None  # the first STS-B dev score of this run: {"step", "score"}
         self.evaluated = False
         self._num_examples = num_examples if num_examples is not None else len(train_dataset)
+        self.sentences_per_example = _sentences_per_example(train_dataset)
         tokenizer = model.encoder.tokenizer
         super().__init__(
             model=model, args=args, train_dataset=train_dataset,
             # the Trainer refuses eval_strategy "steps" without an eval set; this is what evaluate() reads
             eval_dataset=[data_dir] if data_dir else None,
-            data_collator=functools.partial(collate_two_views, pad_token_id=tokenizer.pad_token_id,
+            data_collator=functools.partial(collate_sentences, pad_token_id=tokenizer.pad_token_id,
                                             padding_side=tokenizer.padding_side),
             callbacks=[RankSeed(), self.metrics, self.stop, *(callbacks or [])],
         )
@@ -133,29 +134,20 @@ class ISCSETrainer(Trainer):
 
     def compute_loss(self, model, inputs: Dict[str, torch.Tensor], return_outputs: bool = False,
                      num_items_in_batch=None):
-        """Two dropout views, all-gather, IS-CSE (or SimCSE) loss; see the module docstring."""
+        """Two dropout views (or an example's sentences), all-gather, IS-CSE (or SimCSE) loss; see the module
+        docstring."""
         args = self.args
-        emb = model(**inputs)  # (2B, H): rows 2i and 2i + 1 are the two views of sentence i
+        n = self.sentences_per_example
+        emb = model(**inputs)  # (nB, H): rows n i .. n i + n - 1 are example i's views / sentences
         emb = emb.float()  # the loss runs in fp32, outside autocast
-        z = emb.reshape(-1, 2, emb.shape[-1])  # (B, 2, H)
+        z = emb.reshape(-1, n, emb.shape[-1])  # (B, n, H)
         z1, z2 = gather_with_grad(z[:, 0]), gather_with_grad(z[:, 1])  # (global B, H)
-        criterion = self.model.criterion
+        # The hard negatives are gathered like z1 and z2 (SimCSE); the released IS-CSE code encodes them and then
+        # drops them, gathering nothing (--iscse_hard_negatives released).
+        z3 = gather_with_grad(z[:, 2]) if n == 3 and self.uses_hard_negatives else None
         step = self.state.global_step + 1
         with torch.autocast(device_type=emb.device.type, enabled=False):
-            if criterion is not None:
-                if isinstance(self.alpha, StepAlpha):
-                    self.alpha.step = self.state.global_step
-                    alpha = self.alpha(0)
-                else:
-                    alpha = float(self.alpha)
-                loss = criterion(z1, z2)
-                l_cl, l_s = criterion.last_components
-            else:
-                from ..functional import info_nce
-
-                alpha = 0.0
-                loss = info_nce(z1, z2, args.temp, backend=args.ops)
-                l_cl, l_s = loss.detach(), torch.zeros((), device=loss.device)
+            loss, l_cl, l_s, alpha = self._contrastive_loss(z1, z2, z3)
         if model.training:
             self.metrics.add(step, loss, l_cl, l_s, alpha, self.optimizer.param_groups[0]["lr"])
         # Every rank holds the same global loss; DDP averages the per-rank gradients ("mean", the reference) or,
@@ -163,6 +155,43 @@ class ISCSETrainer(Trainer):
         if args.ddp_gradient == "sum" and is_distributed():
             loss = loss * dist.get_world_size()
         return (loss, emb) if return_outputs else loss
+
+    @property
+    def uses_hard_negatives(self) -> bool:
+        """True when the examples carry a hard negative that the objective uses: always for ``--objective simcse``;
+        for ``iscse`` with ``--iscse_hard_negatives columns`` (with ``released`` they are encoded and dropped)."""
+        return self.sentences_per_example == 3 and (
+            self.model.criterion is None or getattr(self.args, "iscse_hard_negatives", "columns") == "columns")
+
+    def _contrastive_loss(self, z1: torch.Tensor, z2: torch.Tensor, z3: Optional[torch.Tensor]):
+        """``(loss, L_cl, L_s, alpha)`` of the gathered ``(B, H)`` embeddings; ``z3`` the hard negatives or None.
+        With hard negatives the step runs :mod:`iscse.hard_negatives` (torch, whatever ``--ops``)."""
+        args = self.args
+        criterion = self.model.criterion
+        weight = getattr(args, "hard_negative_weight", 0.0)
+        if criterion is not None:
+            if isinstance(self.alpha, StepAlpha):
+                self.alpha.step = self.state.global_step
+                alpha = self.alpha(0)
+            else:
+                alpha = float(self.alpha)
+            if z3 is None:
+                loss = criterion(z1, z2)
+            else:
+                from ..hard_negatives import hard_negative_step
+
+                loss = hard_negative_step(criterion, z1, z2, z3, hard_negative_weight=weight)
+            l_cl, l_s = criterion.last_components
+            return loss, l_cl, l_s, alpha
+        if z3 is None:
+            from ..functional import info_nce
+
+            loss = info_nce(z1, z2, args.temp, backend=args.ops)
+        else:
+            from ..hard_negatives import hard_negative_info_nce
+
+            loss = hard_negative_info_nce(z1, z2, z3, args.temp, weight)
+        return loss, loss.detach(), torch.zeros((), device=loss.device), 0.0
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         """The library's step; the loss it reports is the unscaled global loss under ``--ddp_gradient sum``."""
@@ -299,6 +328,15 @@ class ISCSETrainer(Trainer):
         if any(not torch.equal(every[0], other) for other in every[1:]):
             raise RuntimeError(f"the IS-CSE memory buffers of the {dist.get_world_size()} ranks differ at step "
                                f"{self.state.global_step}; not saving a checkpoint that rank 0 alone describes")
+
+
+def _sentences_per_example(dataset) -> int:
+    """2 for a one-sentence-a-line dataset (two dropout views of each) and for pairs, 3 for triples (rows of
+    ``input_ids`` that are lists of 2 or 3 token lists; :func:`~iscse.training.data.load_train_dataset`)."""
+    if len(dataset) == 0:
+        return 2
+    ids = dataset[0]["input_ids"]
+    return len(ids) if len(ids) and isinstance(ids[0], (list, tuple)) else 2
 
 
 def _leaves(obj: Any):
