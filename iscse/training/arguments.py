@@ -31,8 +31,8 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from .errors import ConfigError
 
-__all__ = ["ConfigError", "ISCSETrainingArguments", "PRESETS", "PRESET_CORPUS", "RESUMABLE_CHANGES", "DEMO_DATA_DIR",
-           "build_parser", "parse_args", "validate_args", "settings_of"]
+__all__ = ["ConfigError", "ISCSETrainingArguments", "PRESETS", "PRESET_CORPUS", "RESUMABLE_CHANGES",
+           "DEMO_DATA_DIR", "build_parser", "parse_args", "validate_args", "settings_of", "check_hard_negative_flags"]
 
 
 POOLERS = ("cls", "cls_before_pooler", "avg", "avg_top2", "avg_first_last")  # iscse.evaluation.encoder.POOLERS
@@ -155,7 +155,8 @@ class ISCSETrainingArguments(TrainingArguments):
         "a paper run's settings as defaults: " + "; ".join(
             f"{n}: batch {c['per_device_train_batch_size']}, lr {c['learning_rate']:g}"
             + (", cosine alpha" if c["alpha_mode_dynamic"] else f", alpha {c['alpha']}")
-            + (", fp16" if c.get("fp16") else "") for n, c in PRESETS.items() if not n.startswith(("demo", "bert-base-sup")))
+            + (", fp16" if c.get("fp16") else "") for n, c in PRESETS.items()
+            if n not in ("demo", "demo-sup", "bert-base-sup"))
         + "; bert-base-sup: SimCSE's supervised BERT-base run (objective simcse on nli_for_simcse.csv with hard "
           "negatives, batch 512, lr 5e-5, 3 epochs, CLS pooler with MLP, fp16); demo: 30 steps of the packaged "
           "MiniLM on the packaged sample data (CPU, no network); demo-sup: the same, supervised, on the packaged "

@@ -130,8 +130,8 @@ def _check_resume(args, num_examples: int) -> None:
         raise ConfigError(f"--resume_from {args.resume_from_checkpoint!r} was saved by {state['world_size']} "
                           f"process(es); resume it with as many (this run has {args.world_size})")
     if state["num_examples"] != num_examples:
-        raise ConfigError(f"--train_file {args.train_file!r} has {num_examples} examples but the checkpoint was trained "
-                          f"on {state['num_examples']}; pass the same file")
+        raise ConfigError(f"--train_file {args.train_file!r} has {num_examples} examples but the checkpoint was "
+                          f"trained on {state['num_examples']}; pass the same file")
 
 
 def _prepare_output_dir(args, resume_dir: Optional[Path]) -> None:

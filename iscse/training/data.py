@@ -45,8 +45,8 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["TextFileStats", "TrainFileStats", "COLUMNS", "file_format", "inspect_text_file", "inspect_train_file", "read_sentence_rows",
-           "load_train_dataset", "tokenizer_fingerprint", "ShuffledBatches", "EpochBatchSampler", "collate_two_views",
+__all__ = ["TextFileStats", "TrainFileStats", "COLUMNS", "file_format", "inspect_text_file", "inspect_train_file",
+           "read_sentence_rows", "load_train_dataset", "tokenizer_fingerprint", "ShuffledBatches", "EpochBatchSampler", "collate_two_views",
            "collate_sentences"]
 
 #: SimCSE's column names, in the order the sentences of an example are encoded: anchor, positive, hard negative.
@@ -242,8 +242,9 @@ def _jsonl_rows(p: Path, name: str) -> Iterator[Tuple[str, ...]]:
                 try:
                     text = raw.decode("utf-8")
                 except UnicodeDecodeError as exc:
-                    raise ValueError(f"{name} is not UTF-8 text (line {line_no}: byte 0x{raw[exc.start:exc.start + 1].hex()}"
-                                     f" does not decode); convert it to UTF-8, e.g. iconv -f latin1 -t utf-8") from None
+                    bad = raw[exc.start:exc.start + 1].hex()
+                    raise ValueError(f"{name} is not UTF-8 text (line {line_no}: byte 0x{bad} does not decode); "
+                                     f"convert it to UTF-8, e.g. iconv -f latin1 -t utf-8") from None
                 if line_no == 1:
                     text = text.lstrip("\ufeff")
                 if not text.strip():

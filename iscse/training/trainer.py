@@ -10,6 +10,10 @@ scheduler and scaler, their rotation, resuming (including skipping the batches a
   ``z1, z2`` all-gathered across processes with the local slice kept differentiable (as the reference code), and
   ``L = L_cl + alpha * L_s`` by :class:`iscse.ISCSELoss`, whose memory buffer sees the global batch on every rank.
   ``--ddp_gradient sum`` scales the loss by the world size so DDP's averaged gradient is the global batch's.
+  For a CSV / JSONL file the forward pass takes each example's ``sent0``, ``sent1`` (and ``hard_neg``) instead of
+  two copies: ``z1``, ``z2`` (and ``z3``, all-gathered too); a step with hard negatives runs
+  :mod:`iscse.hard_negatives` (:meth:`_contrastive_loss`), and ``--iscse_hard_negatives released`` encodes them
+  and drops them, as the released IS-CSE code does.
 - :meth:`get_train_dataloader`: each epoch a permutation seeded with ``seed + epoch``, cut into global batches of
   which rank ``r`` reads the ``r``-th slice; so the data order is the same for any number of processes with the
   same global batch, and a data position is just (epoch, batch), which the library's resume skips to.
