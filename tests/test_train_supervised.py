@@ -146,6 +146,8 @@ BAD_FILES = [
     ("jsonl empty value", _bad("e.jsonl", '{"sent0": "a", "sent1": ""}\n'), "line 1 has an empty sent1"),
     ("jsonl not json", _bad("j.jsonl", '{"sent0": "a", "sent1": "b"}\nsent0,sent1\n'), "line 2 is not valid JSON"),
     ("jsonl header only", _bad("b.jsonl", "\n\n"), "holds only blank lines"),
+    ("tab-separated", _bad("t.tsv", "sent0\tsent1\na\tb\n"), "is tab-separated"),
+    ("json array", _bad("a.json", '[{"sent0": "a", "sent1": "b"}]\n'), "line 1 holds a JSON list"),
     ("fewer examples than a batch", _bad("s.csv", "sent0,sent1\na,b\nc,d\n"),
      "holds 2 examples, fewer than one global batch (8"),
 ]

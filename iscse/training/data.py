@@ -140,8 +140,9 @@ _FORMAT_HINT = {
 
 
 def file_format(path: Union[str, os.PathLike]) -> str:
-    """``"csv"`` for a ``.csv`` name, ``"jsonl"`` for ``.jsonl``, else ``"text"`` (one sentence a line)."""
-    return {".csv": "csv", ".jsonl": "jsonl"}.get(Path(path).suffix.lower(), "text")
+    """``"csv"`` for a ``.csv`` name, ``"jsonl"`` for ``.jsonl`` (and ``.json``, which SimCSE's ``train.py`` reads
+    with ``datasets``' JSON Lines reader), else ``"text"`` (one sentence a line)."""
+    return {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}.get(Path(path).suffix.lower(), "text")
 
 
 def _check_file(path: Union[str, os.PathLike], fmt: str) -> Path:
@@ -309,6 +310,10 @@ def inspect_train_file(path: Union[str, os.PathLike]) -> TrainFileStats:
     with its line number.
     """
     fmt = file_format(path)
+    if Path(path).suffix.lower() == ".tsv":
+        # read as text, each line would be one "sentence" holding all the columns: refuse instead
+        raise ValueError(f"{str(path)!r} is tab-separated, which is not read; save it as .csv with a header "
+                         f"sent0,sent1 (or sent0,sent1,hard_neg)")
     if fmt == "text":
         stats = inspect_text_file(path)
         return TrainFileStats("text", stats.sentences, 1)
