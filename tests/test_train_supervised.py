@@ -313,3 +313,24 @@ def test_the_supervised_preset_fetches_nli_when_no_train_file_is_given(sup, tmp_
     err = capsys.readouterr().err.strip().splitlines()
     assert "--train_file" in err[-1] and "nli_for_simcse.csv" in err[-1]
     assert not (tmp_path / "never").exists()
+
+
+# ------------------------------------------------------------------------------------------------ data parallel
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_on_triples(sup, tmp_path):
+    """``torchrun`` with 2 processes x 4 triples against 1 process x 8 (dropout 0, ``--ddp_gradient sum``): the
+    hard negatives are all-gathered like z1 and z2, so the per-step losses (L_s on from step 3) agree."""
+    from test_distributed import _torchrun
+    from test_train import assert_losses_close
+
+    flags = dict(train_file=sup["triples"], max_steps=5, buffer_size=16, logging_steps=1, ddp_gradient="sum",
+                 hard_negative_weight=0.3)
+    single = tmp_path / "single"
+    assert T.main(tiny_args(sup, single, per_device_train_batch_size=8, **flags)) == 0
+    ddp = tmp_path / "ddp"
+    _torchrun(tiny_args(sup, ddp, per_device_train_batch_size=4, **flags))
+    one, two = read_metrics(single), read_metrics(ddp)
+    assert [r["step"] for r in two] == [1, 2, 3, 4, 5] and two[-1]["L_s"] > 0
+    assert_losses_close(two, one, rtol=1e-5)
