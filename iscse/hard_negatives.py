@@ -22,8 +22,8 @@ negatives are extra columns of both InfoNCE terms, with the same weight on each 
     L    = L_cl + alpha * L_s
 
 The memory buffer, the neighbours and ``z*`` are those of the same step without hard negatives (``q2 =
-normalize(z2)`` is pushed; the hard negatives never enter the buffer), so :func:`iscse_hard_negative_loss` equals
-:func:`iscse.iscse_loss` whenever the ``B`` hard-negative columns are dropped.
+normalize(z2)`` is pushed; the hard negatives never enter the buffer); only the two InfoNCE terms gain the ``B``
+hard-negative columns.
 
 Routing: the fused Triton kernels compute ``B x B`` logits, so a step with hard negatives runs here, in torch,
 whatever backend the loss was given (as ``grouping="pddp"`` steps run in :mod:`iscse.pddp`): the kNN and the
