@@ -50,9 +50,9 @@ setup(
     # every subpackage of iscse/ (backends, training, integrations, ...), plus kernels/ installed as iscse.kernels
     packages=find_packages(include=["iscse", "iscse.*"], exclude=["iscse.kernels", "iscse.kernels.*"]) + ["iscse.kernels"],
     package_dir={"iscse": "iscse", "iscse.kernels": "kernels"},
-    # the demo's sample data (about 250 KB; provenance and licences in iscse/demo_data/README.md)
+    # the demo's sample data (about 300 KB; provenance and licences in iscse/demo_data/README.md)
     package_data={"iscse": ["demo_data/*.txt", "demo_data/*.md", "demo_data/STS/STSBenchmark/*.csv",
-                            "demo_data/SICK/*.md"]},
+                            "demo_data/SICK/*.md", "demo_data/sup/*.csv", "demo_data/sup/*.md"]},
     install_requires=[TORCH, "numpy>=1.22", "scipy>=1.8"],
     extras_require=EXTRAS,
     license="MIT",

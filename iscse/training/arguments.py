@@ -31,8 +31,8 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from .errors import ConfigError
 
-__all__ = ["ConfigError", "ISCSETrainingArguments", "PRESETS", "RESUMABLE_CHANGES", "DEMO_DATA_DIR",
-           "build_parser", "parse_args", "validate_args", "settings_of"]
+__all__ = ["ConfigError", "ISCSETrainingArguments", "PRESETS", "PRESET_CORPUS", "RESUMABLE_CHANGES",
+           "DEMO_DATA_DIR", "build_parser", "parse_args", "validate_args", "settings_of", "check_hard_negative_flags"]
 
 
 POOLERS = ("cls", "cls_before_pooler", "avg", "avg_top2", "avg_first_last")  # iscse.evaluation.encoder.POOLERS
@@ -70,7 +70,23 @@ PRESETS: Dict[str, Dict[str, Any]] = {
                  data_dir=str(DEMO_DATA_DIR), per_device_train_batch_size=32, learning_rate=5e-5, alpha=0.1,
                  alpha_mode_dynamic=False, buffer_size=256, max_steps=30, eval_steps=15, eval_on_start=True,
                  save_steps=0, logging_steps=5, skip_test_eval=True, output_dir="result/iscse-demo-minilm"),
+    # SimCSE's supervised BERT-base run (run_sup_example.sh: 4 GPUs x 128 = 512, lr 5e-5, 3 epochs, the CLS pooler
+    # with its MLP in training and at test, fp16) on nli_for_simcse.csv (sent0,sent1,hard_neg), downloaded into
+    # --cache_dir when --train_file is not given (PRESET_CORPUS).
+    "bert-base-sup": dict(_PAPER, model_name_or_path="bert-base-uncased", objective="simcse",
+                          per_device_train_batch_size=512, learning_rate=5e-5, num_train_epochs=3.0,
+                          mlp_only_train=False, alpha=0.1, alpha_mode_dynamic=False, hard_negative_weight=0.0,
+                          fp16=True, output_dir="result/sup-simcse-bert-base-uncased"),
+    # The supervised path on the packaged MiniLM and the shipped SICK triples (iscse/demo_data/sup): CPU, offline.
+    "demo-sup": dict(_PAPER, model_name_or_path=_minilm_path, objective="simcse",
+                     train_file=str(DEMO_DATA_DIR / "sup" / "sick_train_triples.csv"), data_dir=str(DEMO_DATA_DIR),
+                     per_device_train_batch_size=32, learning_rate=5e-5, alpha=0.1, alpha_mode_dynamic=False,
+                     max_steps=30, eval_steps=15, eval_on_start=True, save_steps=0, logging_steps=5,
+                     skip_test_eval=True, output_dir="result/sup-demo-minilm"),
 }
+
+#: The corpus a preset trains on when --train_file is not given (downloaded into --cache_dir); wiki1m otherwise.
+PRESET_CORPUS: Dict[str, str] = {"bert-base-sup": "nli"}
 
 #: Settings that may differ between a checkpoint and the run that resumes it: they do not change the trajectory
 #: (which rows, which dropout masks, which updates), only where things go, how often they are logged, evaluated or
@@ -139,13 +155,20 @@ class ISCSETrainingArguments(TrainingArguments):
         "a paper run's settings as defaults: " + "; ".join(
             f"{n}: batch {c['per_device_train_batch_size']}, lr {c['learning_rate']:g}"
             + (", cosine alpha" if c["alpha_mode_dynamic"] else f", alpha {c['alpha']}")
-            + (", fp16" if c.get("fp16") else "") for n, c in PRESETS.items() if n != "demo")
-        + "; demo: 30 steps of the packaged MiniLM on the packaged sample data (CPU, no network)",
+            + (", fp16" if c.get("fp16") else "") for n, c in PRESETS.items()
+            if n not in ("demo", "demo-sup", "bert-base-sup"))
+        + "; bert-base-sup: SimCSE's supervised BERT-base run (objective simcse on nli_for_simcse.csv with hard "
+          "negatives, batch 512, lr 5e-5, 3 epochs, CLS pooler with MLP, fp16); demo: 30 steps of the packaged "
+          "MiniLM on the packaged sample data (CPU, no network); demo-sup: the same, supervised, on the packaged "
+          "SICK triples",
         choices=sorted(PRESETS)))
     model_name_or_path: Optional[str] = field(default=None, metadata=_help(
         "Hugging Face model name or local folder of a BERT- or RoBERTa-like encoder"))
     train_file: Optional[str] = field(default=None, metadata=_help(
-        "UTF-8 text file, one sentence a line (default: wiki1m, downloaded into --cache_dir)"))
+        "training data, by its ending: .csv with a header sent0,sent1 (pairs: z1 from sent0, z2 from sent1) or "
+        "sent0,sent1,hard_neg (SimCSE's supervised NLI file); .jsonl, one object a line with the same keys; anything "
+        "else: UTF-8 text, one sentence a line (unsupervised) (default: wiki1m, or nli_for_simcse.csv for --preset "
+        "bert-base-sup, downloaded into --cache_dir)"))
     data_dir: Optional[str] = field(default=None, metadata=_help(
         "SentEval's data/downstream folder, holding STS/ and SICK/ (default: $ISCSE_DATA_DIR, else downloaded)"))
     cache_dir: Optional[str] = field(default=None, metadata=_help(
@@ -169,7 +192,16 @@ class ISCSETrainingArguments(TrainingArguments):
     reinit_mlp: bool = field(default=True, metadata=_help(
         "start the MLP head fresh as SimCSE's BertForCL does; --no-reinit_mlp keeps a checkpoint's pooler weights"))
     objective: Literal["iscse", "simcse"] = field(default="iscse", metadata=_help(
-        "iscse: L_cl + alpha L_s; simcse: L_cl only"))
+        "iscse: L_cl + alpha L_s; simcse: L_cl only (with a hard_neg column: SimCSE's supervised loss, the hard "
+        "negatives as extra columns [z1.z2, z1.z3] / temp)"))
+    hard_negative_weight: float = field(default=0.0, metadata=_help(
+        "added to the logit of each anchor's own hard negative (z1_i . z3_i, after the division by --temp), as "
+        "SimCSE's flag; needs a hard_neg column (default: 0, SimCSE's: the hard negatives are plain extra negatives)"))
+    iscse_hard_negatives: Literal["columns", "released"] = field(default="columns", metadata=_help(
+        "--objective iscse with a hard_neg column: columns (default) = the hard negatives are extra columns of both "
+        "L_cl and L_s, as --objective simcse uses them; released = the released IS-CSE code's behaviour: encoded "
+        "with the pair, then ignored. columns is the default because the IS-CSE paper reports no supervised run "
+        "(nothing to reproduce) and a hard_neg column is given to be used"))
     temp: float = field(default=0.05, metadata=_help("InfoNCE temperature"))
     alpha: float = field(default=0.1, metadata=_help(
         "constant weight of L_s (the scripts' alpha_constant)", aliases=["--alpha_constant"]))
@@ -263,7 +295,8 @@ def build_parser() -> HfArgumentParser:
     from .. import __version__
 
     parser = _Parser(ISCSETrainingArguments, prog="python -m iscse.train",
-                     description="Unsupervised IS-CSE / SimCSE training on transformers.Trainer, with STS-B dev "
+                     description="IS-CSE / SimCSE training on transformers.Trainer (unsupervised on a text file, "
+                                 "or supervised on a CSV / JSONL of pairs or triples), with STS-B dev "
                                  "model selection. --preset fills in a paper run (or the CPU demo); flags override "
                                  "it. The IS-CSE flags come last in this list.")
     from transformers.hf_argparser import string_to_bool
@@ -437,6 +470,10 @@ def validate_args(args: ISCSETrainingArguments) -> None:
     need(args.aggregation in ("attention", "mean"), f"--aggregation must be attention or mean, got "
                                                     f"{args.aggregation!r}")
     need(args.ddp_gradient in ("mean", "sum"), f"--ddp_gradient must be mean or sum, got {args.ddp_gradient!r}")
+    need(args.iscse_hard_negatives in ("columns", "released"), f"--iscse_hard_negatives must be columns or released, "
+                                                                f"got {args.iscse_hard_negatives!r}")
+    need(is_num(args.hard_negative_weight), f"--hard_negative_weight must be a finite number, got "
+                                            f"{args.hard_negative_weight!r}")
     need(args.k <= args.buffer_size - 1, f"--k {args.k} must be at most --buffer_size - 1 = {args.buffer_size - 1}")
     need(args.objective == "iscse" or not args.alpha_mode_dynamic, "--alpha_mode_dynamic applies to --objective "
                                                                    "iscse")
@@ -452,14 +489,16 @@ def validate_args(args: ISCSETrainingArguments) -> None:
              f"{'es' if args.world_size > 1 else ''} = {global_batch}) is larger than --buffer_size "
              f"{args.buffer_size}; raise --buffer_size or lower --per_device_train_batch_size")
     if args.train_file is not None:
-        from .data import inspect_text_file
+        from .data import inspect_train_file
 
         try:
-            stats = inspect_text_file(args.train_file)
+            stats = inspect_train_file(args.train_file)
         except ValueError as exc:
             raise ConfigError(f"--train_file {exc}") from None
-        need(stats.sentences >= global_batch,
-             f"--train_file {args.train_file!r} holds {stats.sentences} sentence{'s' if stats.sentences != 1 else ''}, "
+        check_hard_negative_flags(args, stats.columns)
+        unit = "sentence" if stats.format == "text" else "example"
+        need(stats.examples >= global_batch,
+             f"--train_file {args.train_file!r} holds {stats.examples} {unit}{'s' if stats.examples != 1 else ''}, "
              f"fewer than one global batch ({global_batch} = --per_device_train_batch_size "
              f"{args.per_device_train_batch_size} x {args.world_size} process{'es' if args.world_size > 1 else ''}); "
              "use a larger corpus or a smaller batch")
@@ -480,3 +519,17 @@ def validate_args(args: ISCSETrainingArguments) -> None:
         need(own or args.overwrite_output_dir or not any(out.iterdir()),
              f"--output_dir {args.output_dir!r} is not empty; pass --overwrite_output_dir to train into it anyway, "
              "or --resume_from to continue the run saved there")
+
+
+def check_hard_negative_flags(args: ISCSETrainingArguments, columns: int) -> None:
+    """``--hard_negative_weight`` needs a file with a ``hard_neg`` column that the objective uses (``columns``: the
+    training file's sentences per example); raises :class:`ConfigError` naming the flag."""
+    if args.hard_negative_weight == 0:
+        return
+    if columns != 3:
+        raise ConfigError(f"--hard_negative_weight {args.hard_negative_weight:g} applies to a training file with a "
+                          f"hard_neg column (sent0,sent1,hard_neg); this one has none: leave the flag out")
+    if args.objective == "iscse" and args.iscse_hard_negatives == "released":
+        raise ConfigError(f"--hard_negative_weight {args.hard_negative_weight:g} has no effect with "
+                          f"--iscse_hard_negatives released (the hard negatives are encoded, then ignored); leave one "
+                          f"of the two out")

@@ -41,13 +41,15 @@ def _first_line(exc: BaseException) -> str:
 def _resolve_data(args) -> Dict[str, Optional[str]]:
     """The training file and the evaluation data folder: given, from ``$ISCSE_DATA_DIR``, or downloaded (by the
     main process first). Raises ConfigError naming the flag."""
-    from .download import DownloadError, ensure_senteval, ensure_wiki1m
+    from .arguments import PRESET_CORPUS, check_hard_negative_flags
+    from .download import DownloadError, ensure_nli, ensure_senteval, ensure_wiki1m
     from .errors import ConfigError
 
     need_eval_data = args.eval_strategy.value != "no" or args.eval_on_start or not args.skip_test_eval
     with args.main_process_first(desc="data download", local=False):
         try:
-            train_file = args.train_file or str(ensure_wiki1m(args.cache_dir, show_progress=not args.disable_tqdm))
+            fetch = ensure_nli if PRESET_CORPUS.get(args.preset or "") == "nli" else ensure_wiki1m
+            train_file = args.train_file or str(fetch(args.cache_dir, show_progress=not args.disable_tqdm))
         except DownloadError as exc:
             raise ConfigError(str(exc)) from None
         data_dir = None
@@ -59,12 +61,13 @@ def _resolve_data(args) -> Dict[str, Optional[str]]:
                 except DownloadError as exc:
                     raise ConfigError(f"{exc}; or train without evaluation: --eval_steps 0 --skip_test_eval") from None
     if args.train_file is None:
-        from .data import inspect_text_file
+        from .data import inspect_train_file
 
         try:
-            inspect_text_file(train_file)
+            stats = inspect_train_file(train_file)
         except ValueError as exc:
             raise ConfigError(f"the downloaded corpus {exc}; delete it to fetch it again") from None
+        check_hard_negative_flags(args, stats.columns)
     return {"train_file": train_file, "data_dir": data_dir}
 
 
@@ -151,8 +154,8 @@ def _check_resume(args, num_examples: int) -> None:
         raise ConfigError(f"--resume_from {args.resume_from_checkpoint!r} was saved by {state['world_size']} "
                           f"process(es); resume it with as many (this run has {args.world_size})")
     if state["num_examples"] != num_examples:
-        raise ConfigError(f"--train_file {args.train_file!r} has {num_examples} lines but the checkpoint was trained "
-                          f"on {state['num_examples']}; pass the same file")
+        raise ConfigError(f"--train_file {args.train_file!r} has {num_examples} examples but the checkpoint was "
+                          f"trained on {state['num_examples']}; pass the same file")
 
 
 def _prepare_output_dir(args, resume_dir: Optional[Path]) -> None:
@@ -273,9 +276,10 @@ def train(args) -> Dict[str, Any]:
     state.wait_for_everyone()
     try:
         trainer = ISCSETrainer(model, args, dataset, data["data_dir"], alpha=alpha, num_examples=len(dataset))
-        logger.info("training %s (pooler %s, mlp_only_train %s) on %s: %d lines, global batch %d (%d process%s), "
+        logger.info("training %s (pooler %s, mlp_only_train %s) on %s: %d %s, global batch %d (%d process%s), "
                     "%d steps (%d batches an epoch), objective %s%s, ops %s, device %s%s%s",
                     args.model_name_or_path, args.pooler_type, args.mlp_only_train, data["train_file"], len(dataset),
+                    "triples" if trainer.sentences_per_example == 3 else "pairs" if _is_rows(dataset) else "lines",
                     global_batch, args.world_size, "" if args.world_size == 1 else "es", total_steps, per_epoch,
                     args.objective, f" + {args.mlm_weight:g} x MLM (p {args.mlm_probability:g})" if args.do_mlm
                     else "", args.ops, args.device, ", fp16" if args.fp16 else ", bf16" if args.bf16 else "",
@@ -341,6 +345,12 @@ def _test(args, data_dir: str, trainer) -> Dict[str, float]:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return results
+
+
+def _is_rows(dataset) -> bool:
+    """True for a CSV / JSONL dataset (each example a list of token lists)."""
+    ids = dataset[0]["input_ids"] if len(dataset) else []
+    return bool(len(ids)) and isinstance(ids[0], (list, tuple))
 
 
 def _check_ops(args) -> None:

@@ -3,6 +3,9 @@ Hub dataset repository ``princeton-nlp/datasets-for-simcse``, through ``huggingf
 its caching, ``HF_ENDPOINT`` / ``HF_HUB_OFFLINE`` / proxies and tokens honoured).
 
 - wiki1m (SimCSE's ``data/download_wiki.sh``): ``wiki1m_for_simcse.txt``, one sentence a line, about 120 MB.
+- the NLI training file (SimCSE's ``data/download_nli.sh``): ``nli_for_simcse.csv``, SNLI + MNLI as
+  ``sent0,sent1,hard_neg`` triples (premise, entailment, contradiction), about 275k rows; the supervised runs'
+  ``--train_file``.
 - SentEval's data (SimCSE's ``SentEval/data/downstream/download_dataset.sh``): ``senteval.tar``, SentEval's
   ``data/downstream`` folder (``STS/``, ``SICK/`` and the transfer tasks), about 1 GB unpacked.
 
@@ -10,9 +13,10 @@ Files land under a cache folder (``--cache_dir``, else ``$ISCSE_CACHE``, else ``
 once; ``huggingface_hub`` writes each file completely before it appears under its name, and the SentEval folder is
 unpacked into a temporary folder and renamed into place, so an interrupted download never looks finished.
 
-Command line (the equivalent of SimCSE's two scripts)::
+Command line (the equivalent of SimCSE's three scripts)::
 
-    python -m iscse.download                 # both, into ~/.cache/iscse
+    python -m iscse.download                 # wiki1m and SentEval, into ~/.cache/iscse
+    python -m iscse.download nli             # nli_for_simcse.csv (or --nli)
     python -m iscse.download --wiki1m --dest data/
     python -m iscse.download --senteval --dest SentEval/data
 
@@ -31,16 +35,19 @@ import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
-__all__ = ["SIMCSE_DATA_REPO", "WIKI1M_FILE", "SENTEVAL_ARCHIVE", "WIKI1M_URL", "SENTEVAL_URL", "DownloadError",
-           "default_cache_dir", "fetch", "ensure_wiki1m", "ensure_senteval", "find_downstream_dir", "main"]
+__all__ = ["SIMCSE_DATA_REPO", "WIKI1M_FILE", "NLI_FILE", "SENTEVAL_ARCHIVE", "WIKI1M_URL", "NLI_URL", "SENTEVAL_URL",
+           "DownloadError", "default_cache_dir", "fetch", "ensure_wiki1m", "ensure_nli", "ensure_senteval",
+           "find_downstream_dir", "main"]
 
 #: The Hub dataset repository SimCSE's scripts download from.
 SIMCSE_DATA_REPO = "princeton-nlp/datasets-for-simcse"
 WIKI1M_FILE = "wiki1m_for_simcse.txt"
+NLI_FILE = "nli_for_simcse.csv"
 SENTEVAL_ARCHIVE = "senteval.tar"
 #: Where the two files are (for curl / wget: scripts/download_data.sh).
 WIKI1M_URL = f"https://huggingface.co/datasets/{SIMCSE_DATA_REPO}/resolve/main/{WIKI1M_FILE}"
 SENTEVAL_URL = f"https://huggingface.co/datasets/{SIMCSE_DATA_REPO}/resolve/main/{SENTEVAL_ARCHIVE}"
+NLI_URL = f"https://huggingface.co/datasets/{SIMCSE_DATA_REPO}/resolve/main/{NLI_FILE}"
 
 SENTEVAL_SUBDIR = Path("SentEval") / "data" / "downstream"
 
@@ -99,6 +106,22 @@ def ensure_wiki1m(cache_dir: Optional[str | os.PathLike] = None, *, show_progres
             f"{exc}: the training corpus could not be fetched; pass --train_file with a local text file (one "
             f"sentence a line), e.g. wiki1m fetched elsewhere with `python -m iscse.download --wiki1m` or "
             f"`wget {WIKI1M_URL}`") from None
+
+
+def ensure_nli(cache_dir: Optional[str | os.PathLike] = None, *, show_progress: bool = True) -> Path:
+    """The path of ``nli_for_simcse.csv`` (SimCSE's supervised training file) in ``cache_dir`` (default
+    :func:`default_cache_dir`), downloaded the first time. Raises :class:`DownloadError` naming ``--train_file``."""
+    base = Path(cache_dir or default_cache_dir()).expanduser()
+    path = base / NLI_FILE
+    if path.is_file():
+        return path
+    try:
+        return fetch(NLI_FILE, base, show_progress=show_progress)
+    except DownloadError as exc:
+        raise DownloadError(
+            f"{exc}: the NLI training file could not be fetched; pass --train_file with a local CSV file "
+            f"(sent0,sent1,hard_neg), e.g. fetched elsewhere with `python -m iscse.download nli` or "
+            f"`wget {NLI_URL}`") from None
 
 
 def find_downstream_dir(root: str | os.PathLike, max_depth: int = 4) -> Optional[Path]:
@@ -180,18 +203,31 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command-line entry point (``python -m iscse.download``); returns the exit status."""
     parser = argparse.ArgumentParser(
         prog="python -m iscse.download",
-        description="Download wiki1m (SimCSE's training corpus) and SentEval's STS data, as SimCSE's scripts do.")
+        description="Download wiki1m (SimCSE's unsupervised training corpus), nli_for_simcse.csv (its supervised "
+                    "training file) and SentEval's STS data, as SimCSE's scripts do. Without a name or flag: wiki1m "
+                    "and SentEval.")
+    parser.add_argument("what", nargs="*", metavar="NAME",
+                        help="what to fetch: wiki1m, nli and/or senteval (the same as the flags below)")
     parser.add_argument("--wiki1m", action="store_true", help=f"fetch {WIKI1M_FILE}")
+    parser.add_argument("--nli", action="store_true", help=f"fetch {NLI_FILE} (sent0,sent1,hard_neg)")
     parser.add_argument("--senteval", action="store_true", help="fetch and unpack SentEval's data/downstream")
     parser.add_argument("--dest", default=None,
                         help="folder to put them in (default: $ISCSE_CACHE or ~/.cache/iscse, where "
                              "python -m iscse.train looks when --train_file / --data_dir are left out)")
     args = parser.parse_args(argv)
-    both = not (args.wiki1m or args.senteval)
+    unknown = [name for name in args.what if name not in ("wiki1m", "nli", "senteval")]
+    if unknown:
+        parser.error(f"unknown name {unknown[0]!r}: choose from wiki1m, nli, senteval")
+    wanted = set(args.what)
+    wanted.update(name for name in ("wiki1m", "nli", "senteval") if getattr(args, name))
+    if not wanted:
+        wanted = {"wiki1m", "senteval"}
     try:
-        if args.wiki1m or both:
+        if "wiki1m" in wanted:
             print(f"wiki1m: {ensure_wiki1m(args.dest)}")
-        if args.senteval or both:
+        if "nli" in wanted:
+            print(f"NLI (pass as --train_file): {ensure_nli(args.dest)}")
+        if "senteval" in wanted:
             print(f"SentEval data (pass as --data_dir): {ensure_senteval(args.dest)}")
     except DownloadError as exc:
         print(f"error: {exc}", file=sys.stderr)

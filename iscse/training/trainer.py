@@ -12,6 +12,10 @@ scheduler and scaler, their rotation, resuming (including skipping the batches a
   with ``--do_mlm``, ``+ mlm_weight * L_mlm`` over a masked copy of the batch encoded separately
   (:mod:`iscse.training.mlm`; ``L_mlm`` is each process's own).
   ``--ddp_gradient sum`` scales the loss by the world size so DDP's averaged gradient is the global batch's.
+  For a CSV / JSONL file the forward pass takes each example's ``sent0``, ``sent1`` (and ``hard_neg``) instead of
+  two copies: ``z1``, ``z2`` (and ``z3``, all-gathered too); a step with hard negatives runs
+  :mod:`iscse.hard_negatives` (:meth:`_contrastive_loss`), and ``--iscse_hard_negatives released`` encodes them
+  and drops them, as the released IS-CSE code does.
 - :meth:`get_train_dataloader`: each epoch a permutation seeded with ``seed + epoch``, cut into global batches of
   which rank ``r`` reads the ``r``-th slice; so the data order is the same for any number of processes with the
   same global batch, and a data position is just (epoch, batch), which the library's resume skips to.
@@ -40,7 +44,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import rotate_checkpoints
 
 from .. import __version__
-from .data import EpochBatchSampler, collate_two_views
+from .data import EpochBatchSampler, collate_sentences
 from .distributed import gather_with_grad, is_distributed
 from ..evaluation.encoder import SentenceEncoder
 from .arguments import ISCSETrainingArguments, settings_of
@@ -96,12 +100,13 @@ class ISCSETrainer(Trainer):
         self._num_examples = num_examples if num_examples is not None else len(train_dataset)
         self._mlm_masker: Optional[TokenMasker] = None
         self._mlm_micro = (0, 0)  # (optimizer step, micro-batch index) of the last masked micro-batch
+        self.sentences_per_example = _sentences_per_example(train_dataset)
         tokenizer = model.encoder.tokenizer
         super().__init__(
             model=model, args=args, train_dataset=train_dataset,
             # the Trainer refuses eval_strategy "steps" without an eval set; this is what evaluate() reads
             eval_dataset=[data_dir] if data_dir else None,
-            data_collator=functools.partial(collate_two_views, pad_token_id=tokenizer.pad_token_id,
+            data_collator=functools.partial(collate_sentences, pad_token_id=tokenizer.pad_token_id,
                                             padding_side=tokenizer.padding_side),
             callbacks=[RankSeed(), self.metrics, self.stop, *(callbacks or [])],
         )
@@ -138,34 +143,25 @@ class ISCSETrainer(Trainer):
 
     def compute_loss(self, model, inputs: Dict[str, torch.Tensor], return_outputs: bool = False,
                      num_items_in_batch=None):
-        """Two dropout views, all-gather, IS-CSE (or SimCSE) loss; see the module docstring."""
+        """Two dropout views (or an example's sentences), all-gather, IS-CSE (or SimCSE) loss; see the module
+        docstring."""
         args = self.args
+        n = self.sentences_per_example
         mlm = getattr(self.model, "mlm", None) if model.training else None
         if mlm is not None:
             mlm_ids, mlm_labels, num_masked = self._mask_for_mlm(inputs["input_ids"])
             emb, mlm_logits = model(**inputs, mlm_input_ids=mlm_ids)  # the masked copy is encoded separately
         else:
-            emb = model(**inputs)  # (2B, H): rows 2i and 2i + 1 are the two views of sentence i
+            emb = model(**inputs)  # (nB, H): rows n i .. n i + n - 1 are example i's views / sentences
         emb = emb.float()  # the loss runs in fp32, outside autocast
-        z = emb.reshape(-1, 2, emb.shape[-1])  # (B, 2, H)
+        z = emb.reshape(-1, n, emb.shape[-1])  # (B, n, H)
         z1, z2 = gather_with_grad(z[:, 0]), gather_with_grad(z[:, 1])  # (global B, H)
-        criterion = self.model.criterion
+        # The hard negatives are gathered like z1 and z2 (SimCSE); the released IS-CSE code encodes them and then
+        # drops them, gathering nothing (--iscse_hard_negatives released).
+        z3 = gather_with_grad(z[:, 2]) if n == 3 and self.uses_hard_negatives else None
         step = self.state.global_step + 1
         with torch.autocast(device_type=emb.device.type, enabled=False):
-            if criterion is not None:
-                if isinstance(self.alpha, StepAlpha):
-                    self.alpha.step = self.state.global_step
-                    alpha = self.alpha(0)
-                else:
-                    alpha = float(self.alpha)
-                loss = criterion(z1, z2)
-                l_cl, l_s = criterion.last_components
-            else:
-                from ..functional import info_nce
-
-                alpha = 0.0
-                loss = info_nce(z1, z2, args.temp, backend=args.ops)
-                l_cl, l_s = loss.detach(), torch.zeros((), device=loss.device)
+            loss, l_cl, l_s, alpha = self._contrastive_loss(z1, z2, z3)
         l_mlm = None
         if mlm is not None:
             l_mlm = mlm_loss(mlm_logits, mlm_labels, num_masked)  # this process's masked tokens
@@ -188,6 +184,43 @@ class ISCSETrainer(Trainer):
         micro = self._mlm_micro[1] + 1 if self._mlm_micro[0] == step else 0
         self._mlm_micro = (step, micro)
         return self._mlm_masker(input_ids, mask_seed(self.args.seed, self.args.process_index, step, micro))
+
+    @property
+    def uses_hard_negatives(self) -> bool:
+        """True when the examples carry a hard negative that the objective uses: always for ``--objective simcse``;
+        for ``iscse`` with ``--iscse_hard_negatives columns`` (with ``released`` they are encoded and dropped)."""
+        return self.sentences_per_example == 3 and (
+            self.model.criterion is None or getattr(self.args, "iscse_hard_negatives", "columns") == "columns")
+
+    def _contrastive_loss(self, z1: torch.Tensor, z2: torch.Tensor, z3: Optional[torch.Tensor]):
+        """``(loss, L_cl, L_s, alpha)`` of the gathered ``(B, H)`` embeddings; ``z3`` the hard negatives or None.
+        With hard negatives the step runs :mod:`iscse.hard_negatives` (torch, whatever ``--ops``)."""
+        args = self.args
+        criterion = self.model.criterion
+        weight = getattr(args, "hard_negative_weight", 0.0)
+        if criterion is not None:
+            if isinstance(self.alpha, StepAlpha):
+                self.alpha.step = self.state.global_step
+                alpha = self.alpha(0)
+            else:
+                alpha = float(self.alpha)
+            if z3 is None:
+                loss = criterion(z1, z2)
+            else:
+                from ..hard_negatives import hard_negative_step
+
+                loss = hard_negative_step(criterion, z1, z2, z3, hard_negative_weight=weight)
+            l_cl, l_s = criterion.last_components
+            return loss, l_cl, l_s, alpha
+        if z3 is None:
+            from ..functional import info_nce
+
+            loss = info_nce(z1, z2, args.temp, backend=args.ops)
+        else:
+            from ..hard_negatives import hard_negative_info_nce
+
+            loss = hard_negative_info_nce(z1, z2, z3, args.temp, weight)
+        return loss, loss.detach(), torch.zeros((), device=loss.device), 0.0
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         """The library's step; the loss it reports is the unscaled global loss under ``--ddp_gradient sum``."""
@@ -332,6 +365,15 @@ class ISCSETrainer(Trainer):
         if any(not torch.equal(every[0], other) for other in every[1:]):
             raise RuntimeError(f"the IS-CSE memory buffers of the {dist.get_world_size()} ranks differ at step "
                                f"{self.state.global_step}; not saving a checkpoint that rank 0 alone describes")
+
+
+def _sentences_per_example(dataset) -> int:
+    """2 for a one-sentence-a-line dataset (two dropout views of each) and for pairs, 3 for triples (rows of
+    ``input_ids`` that are lists of 2 or 3 token lists; :func:`~iscse.training.data.load_train_dataset`)."""
+    if len(dataset) == 0:
+        return 2
+    ids = dataset[0]["input_ids"]
+    return len(ids) if len(ids) and isinstance(ids[0], (list, tuple)) else 2
 
 
 def _leaves(obj: Any):
