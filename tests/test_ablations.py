@@ -375,3 +375,20 @@ def test_triton_mean_on_gpu_matches_torch():
         assert_rel_close(a, b, 1e-4, "loss")
         assert_rel_close(ga[0], gb[0], 1e-4, "grad z1")
         assert_rel_close(ga[1], gb[1], 1e-4, "grad z2")
+
+
+def test_the_trainer_takes_k_equal_to_the_buffer_with_pddp_only(tmp_path):
+    """PDDP builds buffer_size // k groups, so k = buffer_size (one group) is allowed, as in iscse_loss; the kNN
+    grouping needs k <= buffer_size - 1."""
+    from iscse.training.arguments import parse_args
+    from iscse.training.errors import ConfigError
+
+    def flags(k, *more):
+        return ["--model_name_or_path", str(tmp_path), "--output_dir", str(tmp_path), "--buffer_size", "32",
+                "--per_device_train_batch_size", "8", "--device", "cpu", "--k", str(k), *more]
+
+    assert parse_args(flags(32, "--grouping", "pddp")).k == 32
+    with pytest.raises(ConfigError, match="--k 32 must be at most --buffer_size - 1 = 31"):
+        parse_args(flags(32))
+    with pytest.raises(ConfigError, match="--k 33 must be at most --buffer_size = 32 with --grouping pddp"):
+        parse_args(flags(33, "--grouping", "pddp"))

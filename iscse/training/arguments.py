@@ -474,7 +474,12 @@ def validate_args(args: ISCSETrainingArguments) -> None:
                                                                 f"got {args.iscse_hard_negatives!r}")
     need(is_num(args.hard_negative_weight), f"--hard_negative_weight must be a finite number, got "
                                             f"{args.hard_negative_weight!r}")
-    need(args.k <= args.buffer_size - 1, f"--k {args.k} must be at most --buffer_size - 1 = {args.buffer_size - 1}")
+    if args.grouping == "pddp":  # buffer_size // k groups: k = buffer_size is one group (iscse.pddp.check_pddp)
+        need(args.k <= args.buffer_size, f"--k {args.k} must be at most --buffer_size = {args.buffer_size} with "
+                                         f"--grouping pddp")
+    else:  # k neighbours besides the query's own row
+        need(args.k <= args.buffer_size - 1,
+             f"--k {args.k} must be at most --buffer_size - 1 = {args.buffer_size - 1}")
     need(args.objective == "iscse" or not args.alpha_mode_dynamic, "--alpha_mode_dynamic applies to --objective "
                                                                    "iscse")
     if args.preprocessing_num_workers is not None:
