@@ -404,7 +404,11 @@ def _st_run(output_dir, max_steps: int, save_steps: int, resume_from=None):
         dataloader_num_workers=0)
     trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset, loss=loss,
                                          callbacks=[loss.checkpoint_callback()])
-    trainer.train(resume_from_checkpoint=resume_from)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train(resume_from_checkpoint=resume_from)
+    # The callback was given, and the trainer's on_train_begin told the loss so: no missing-callback warning.
+    assert not [w for w in caught if "no checkpoint callback" in str(w.message)]
     return parts, loss, trainer, views_differ
 
 
