@@ -151,6 +151,53 @@ def test_identical_views_warn_once():
         loss_fn.compute_loss_from_embeddings([z, z.clone()])  # checked on the first training call only
 
 
+def test_forward_makes_no_host_read():
+    """After the first training call (which compares the two views once), forward + backward with a scheduled alpha
+    and the parts returned read nothing back from the device: alpha is taken as a device value
+    (tests/test_device_state.py's guard)."""
+    from test_device_state import NoHostReads
+
+    schedule = iscse.alpha_schedule("cosine", start=0.2, end=0.05, total_steps=6)
+    encoder = StubEncoder(4, 6)
+    loss_fn = ISCSELoss(encoder, buffer_size=8, k=2, alpha=schedule, buffer_dtype=torch.float64,
+                        return_components=True)
+    loss_fn.criterion.check_finite = False  # the NaN check reads on CPU by design (off by default on CUDA)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (no checkpoint callback here: the first call warns)
+        loss_fn(_features(4, 4), None)
+    for step in range(1, 5):  # batch 4, buffer 8: L_s from step 1 on
+        with NoHostReads():
+            parts = loss_fn(_features(4, 4), None)
+            torch.stack(list(parts.values())).sum().backward()
+        l_s = loss_fn.last_components[1]
+        assert l_s.item() > 0 and parts["alpha_L_s"].dtype == l_s.dtype
+        assert_rel_close(parts["alpha_L_s"], schedule(step) * l_s, 1e-12, f"alpha_L_s at step {step}")
+    assert loss_fn.criterion.step == 5
+
+
+def test_a_missing_checkpoint_callback_warns_once(tmp_path):
+    """The first training call warns, naming the line to add, when no checkpoint callback of this loss has seen the
+    trainer start; evaluation calls do not count, and a bound callback (of the loss or of its criterion) silences
+    it."""
+    features = _features(4, 4)
+    forgotten = ISCSELoss(StubEncoder(4, 6), buffer_size=8, k=2, buffer_dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.no_grad():
+            forgotten([dict(f) for f in features], None)  # evaluation
+        forgotten.checkpoint_callback()  # made but never given to a trainer: does not count
+    with pytest.warns(UserWarning, match=r"callbacks=\[loss\.checkpoint_callback\(\)\]") as caught:
+        forgotten([dict(f) for f in features], None)
+    assert len(caught) == 1 and "resumed run" in str(caught[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        forgotten([dict(f) for f in features], None)  # once
+        for bind in (lambda loss: loss.checkpoint_callback(), lambda loss: ISCSECheckpointCallback(loss.criterion)):
+            bound = ISCSELoss(StubEncoder(4, 6), buffer_size=8, k=2, buffer_dtype=torch.float64)
+            bind(bound).on_train_begin(_args(tmp_path), SimpleNamespace(global_step=0), None)
+            bound([dict(f) for f in features], None)
+
+
 @pytest.mark.parametrize("kwargs, error, match", [
     ({"scale": 0.0}, ValueError, "scale"),
     ({"scale": -20.0}, ValueError, "scale"),
@@ -357,7 +404,11 @@ def _st_run(output_dir, max_steps: int, save_steps: int, resume_from=None):
         dataloader_num_workers=0)
     trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset, loss=loss,
                                          callbacks=[loss.checkpoint_callback()])
-    trainer.train(resume_from_checkpoint=resume_from)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train(resume_from_checkpoint=resume_from)
+    # The callback was given, and the trainer's on_train_begin told the loss so: no missing-callback warning.
+    assert not [w for w in caught if "no checkpoint callback" in str(w.message)]
     return parts, loss, trainer, views_differ
 
 
@@ -397,8 +448,11 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_gather_across_devices_two_processes_match_one(tmp_path):
+    """Two gloo ranks, with unequal shares of the global batch at some steps (a short last batch), against one
+    process on the whole global batch; and the process group's native threads are gone after the teardown."""
     import st_ddp_worker as W
 
+    assert any(a != b for a, b in W.SPLITS)  # the unequal case is exercised
     port = str(_free_port())
     procs = []
     for rank in range(2):
@@ -417,6 +471,7 @@ def test_gather_across_devices_two_processes_match_one(tmp_path):
     # Both ranks hold exactly the same buffer and step, and so does one process on the global batch.
     assert_states_equal(ranks[1]["state"], ranks[0]["state"])
     assert_states_equal(ranks[0]["state"], state, rtol=1e-12)
+    assert int(state["_extra_state"]["buffer"]["written"]) == sum(sum(s) for s in W.SPLITS)
     # The loss is the single-process loss on the global batch, at every step (L_s included: full from step 2).
     for r in ranks:
         assert_rel_close(r["losses"], losses, 1e-12, "per-step losses")
@@ -424,6 +479,11 @@ def test_gather_across_devices_two_processes_match_one(tmp_path):
         assert_rel_close(r["weight"], weight, 1e-10, "weight")
         assert_rel_close(r["bias"], bias, 1e-10, "bias")
     assert not torch.equal(weight, nn.Linear(W.D_IN, W.DIM, dtype=torch.float64).weight)  # it did train
+    # destroy_process_group() freed the group: none of its threads runs on into the interpreter's exit.
+    for r, result in enumerate(ranks):
+        if result["threads"] is not None:
+            left = [name for name in result["threads"] if name in W.GROUP_THREADS]
+            assert not left, f"rank {r}: the process group's threads outlive destroy_process_group(): {left}"
 
 
 # --------------------------------------------------------------------------------------------------------------------

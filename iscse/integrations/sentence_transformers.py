@@ -22,6 +22,7 @@ import numbers
 import os
 import re
 import warnings
+import weakref
 from typing import Any, Callable, Dict, Iterable, List, Optional, Union
 
 import torch
@@ -37,6 +38,10 @@ __all__ = ["ISCSELoss", "ISCSECheckpointCallback", "STATE_FILE"]
 # The file each checkpoint gets, beside the trainer's rng_state.pth (one per process when there are several, named
 # the way transformers names its per-process RNG files).
 STATE_FILE = "iscse_loss_state.pt"
+
+# The criteria (iscse.ISCSELoss) whose ISCSECheckpointCallback has seen a trainer start: a loss whose criterion is not
+# here warns at its first training call. Weak, so a finished run's loss is not kept alive by it.
+_CHECKPOINTED: "weakref.WeakSet[_ISCSECriterion]" = weakref.WeakSet()
 
 CITATION = """
 @inproceedings{he2023instance,
@@ -80,37 +85,67 @@ def _world() -> tuple:
     return 0, 1
 
 
+def _batch_sizes(rows: int, device: torch.device) -> List[int]:
+    """Every rank's batch size, in rank order: one small all-gather and one host read (the sizes are shapes, which
+    the host needs to trim the padded rows; under NCCL the tensor must live on the rank's CUDA device)."""
+    mine = torch.tensor([rows], dtype=torch.int64, device=device)
+    sizes = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, mine)
+    return [int(n) for n in torch.cat(sizes).tolist()]
+
+
 class _GatherGlobalBatch(torch.autograd.Function):
-    """All-gather ``(B, D)`` rows from every rank into the global ``(world * B, D)`` batch, in rank order.
+    """All-gather ``(B_r, W)`` rows from every rank ``r`` into the global ``(sum_r B_r, W)`` batch, in rank order.
+
+    ``sizes`` (host ints, :func:`_batch_sizes`) may differ between ranks, e.g. a short last batch with
+    ``dataloader_drop_last=False``: ``dist.all_gather`` needs equal shapes, so every rank pads its rows with zeros to
+    ``max(sizes)``, gathers, and drops each rank's padding.
 
     Backward returns this rank's slice of the incoming gradient times ``world``. Every rank computes the same loss on
     the same global batch (and holds the same buffer), so that is exactly what ``torch.distributed.nn.all_gather``'s
     backward (a reduce-scatter sum over ranks) would return, without a collective in the backward pass; after DDP
     averages the ranks' parameter gradients, the update is the gradient of the global-batch loss, the same as one
-    process that sees the whole global batch (sentence-transformers' convention for ``gather_across_devices``).
+    process that sees the whole global batch (sentence-transformers' convention for ``gather_across_devices``). The
+    factor is ``world`` whatever the sizes: DDP averages over ranks, not over rows.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, sizes: List[int]) -> torch.Tensor:
         rank, world = _world()
-        ctx.rank, ctx.world, ctx.rows = rank, world, x.shape[0]
+        ctx.world, ctx.rows, ctx.start = world, x.shape[0], sum(sizes[:rank])
         x = x.contiguous()
+        most = max(sizes)
+        if x.shape[0] < most:
+            x = torch.cat([x, x.new_zeros((most - x.shape[0],) + tuple(x.shape[1:]))])
         parts = [torch.empty_like(x) for _ in range(world)]
         dist.all_gather(parts, x)
+        if min(sizes) < most:
+            parts = [part[:n] for part, n in zip(parts, sizes)]
         return torch.cat(parts, dim=0)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        start = ctx.rank * ctx.rows
-        return grad[start:start + ctx.rows] * ctx.world
+    def backward(ctx, grad: torch.Tensor):
+        return grad[ctx.start:ctx.start + ctx.rows] * ctx.world, None
 
 
-def gather_global_batch(x: torch.Tensor) -> torch.Tensor:
-    """``x`` from every rank concatenated in rank order, differentiable (see :class:`_GatherGlobalBatch`); ``x``
-    itself without an initialised process group or with one process. Every rank must pass the same ``B``."""
+def gather_global_batch(*tensors: torch.Tensor) -> tuple:
+    """Each of ``tensors`` (``(B, D_i)`` with the same ``B`` on this rank) from every rank, concatenated in rank order
+    into ``(sum of B over ranks, D_i)``, differentiable (see :class:`_GatherGlobalBatch`); ranks may have different
+    ``B``. The tensors travel in one all-gather (joined along dim 1 when they share a dtype), after one small
+    all-gather of the batch sizes. Returns ``tensors`` themselves without an initialised process group or with one
+    process. Every rank must call it, in the same order."""
     if _world()[1] == 1:
-        return x
-    return _GatherGlobalBatch.apply(x)
+        return tuple(tensors)
+    for i, t in enumerate(tensors):
+        if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.shape[0] != tensors[0].shape[0]:
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"embeddings must be (B, D) tensors with the same B to be gathered across devices; "
+                             f"embeddings[{i}] is {got}, embeddings[0] has B = {tensors[0].shape[0]}")
+    sizes = _batch_sizes(tensors[0].shape[0], tensors[0].device)
+    if len({t.dtype for t in tensors}) == 1 and len({t.device for t in tensors}) == 1:
+        joined = _GatherGlobalBatch.apply(torch.cat(tensors, dim=1), sizes)
+        return tuple(joined.split([t.shape[1] for t in tensors], dim=1))
+    return tuple(_GatherGlobalBatch.apply(t, sizes) for t in tensors)
 
 
 class ISCSELoss(nn.Module):
@@ -144,7 +179,9 @@ class ISCSELoss(nn.Module):
         gather_across_devices: under data parallelism, all-gather both columns across ranks first, so the loss,
             its in-batch negatives and the buffer push use the global batch and every rank holds the same buffer;
             the gradient reaches each rank's encoder through its own rows (the update is that of the global-batch
-            loss after DDP averages). Without it each rank has its own buffer of its own positives.
+            loss after DDP averages). Ranks may hold batches of different sizes (a short last batch: the trainer
+            does not even them out), at the cost of one more small all-gather and host read per step. Without it
+            each rank has its own buffer of its own positives.
         dim: embedding width; default ``model.get_sentence_embedding_dimension()``.
         backend, knn_backend, buffer_dtype: passed to :class:`iscse.ISCSELoss` (``"auto"``: fused Triton kernels
             for CUDA tensors, the torch path on CPU).
@@ -156,7 +193,8 @@ class ISCSELoss(nn.Module):
 
     Checkpoints: the buffer, the step and alpha's schedule are training state outside the model. Pass
     ``callbacks=[loss.checkpoint_callback()]`` to the trainer so that they are saved in each checkpoint and restored
-    by ``trainer.train(resume_from_checkpoint=...)`` (:class:`ISCSECheckpointCallback`).
+    by ``trainer.train(resume_from_checkpoint=...)`` (:class:`ISCSECheckpointCallback`). Without such a callback
+    the first training call warns once (neither the trainer nor the model saves a loss's state, see the callback).
 
     Inputs: a dataset of two text columns (anchor, positive); labels none.
 
@@ -204,6 +242,7 @@ class ISCSELoss(nn.Module):
                         "grouping": grouping, "aggregation": aggregation}
         self.model = model  # set last: a bad argument above leaves no half-built loss holding the model
         self._views_checked = False
+        self._checkpoint_warned = False
 
     @property
     def temperature(self) -> float:
@@ -227,14 +266,30 @@ class ISCSELoss(nn.Module):
         # same way): each forward draws its own dropout masks, which makes the two views of unsupervised IS-CSE.
         embeddings = [self.model(f)["sentence_embedding"] for f in features]
         return_components = _trainer_logs_loss_dicts() if self.return_components is None else self.return_components
-        alpha = self.criterion.current_alpha()  # the weight this call uses (the step advances in the call)
+        if not self._checkpoint_warned and torch.is_grad_enabled():
+            self._warn_without_checkpoint_callback()
+        # The weight this call uses (the step advances in the call), only when the parts are logged, and as a device
+        # value: a float() of a scheduled alpha would read the device every step (a sync on CUDA).
+        alpha = self.criterion.current_alpha(as_tensor=True) if return_components else None
         loss = self.compute_loss_from_embeddings(embeddings, labels)
         if not return_components:
             return loss
         # The trainer sums the parts (so they must carry the graph) and logs each: L_cl carries the gradient of the
         # whole loss, alpha * L_s is the detached value of the second part.
-        alpha_l_s = alpha * self.criterion.last_components[1]
+        l_s = self.criterion.last_components[1]
+        alpha_l_s = alpha.to(l_s.dtype) * l_s
         return {"L_cl": loss - alpha_l_s, "alpha_L_s": alpha_l_s}
+
+    def _warn_without_checkpoint_callback(self) -> None:
+        """Warn once, at the first training call, when no :class:`ISCSECheckpointCallback` of this loss has seen a
+        trainer start (``on_train_begin``): the buffer would then be missing from every checkpoint, and a resumed
+        run would silently start with an empty buffer and alpha's schedule at step 0."""
+        self._checkpoint_warned = True
+        if self.criterion not in _CHECKPOINTED:
+            warnings.warn("ISCSELoss: no checkpoint callback is bound to this loss, so the trainer's checkpoints will "
+                          "not hold its memory buffer, step and alpha schedule, and a resumed run restarts them "
+                          "(L_s off until the buffer fills again); pass callbacks=[loss.checkpoint_callback()] to "
+                          "the trainer", UserWarning, stacklevel=2)
 
     def compute_loss_from_embeddings(self, embeddings: List[torch.Tensor],
                                      labels: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -250,7 +305,7 @@ class ISCSELoss(nn.Module):
                               "identical; unsupervised IS-CSE needs dropout to make two views (is the model in "
                               "train mode, with dropout > 0?)", stacklevel=2)
         if self.gather_across_devices:
-            z1, z2 = gather_global_batch(z1), gather_global_batch(z2)
+            z1, z2 = gather_global_batch(z1, z2)
         return self.criterion(z1, z2)
 
     def checkpoint_callback(self, resume_from_checkpoint: Optional[str] = None, strict: bool = True,
@@ -309,7 +364,10 @@ class ISCSECheckpointCallback(TrainerCallback):
     Why a callback: ``on_save`` and ``on_train_begin`` are transformers' public, stable hooks (every
     ``Trainer`` subclass calls them, from transformers 4.x to 5.x), whereas the trainer's private ``_save_checkpoint``
     / ``_load_from_checkpoint`` have changed signatures between versions and are overridden by sentence-transformers;
-    and the buffer cannot live in the model's state (it would be saved into the model files).
+    and the buffer cannot live in the model's state (it would be saved into the model files). Nothing lets the loss
+    add the callback itself: ``SentenceTransformerTrainer`` saves only the model (``_save``: ``save_pretrained``)
+    and the optimizer (which holds a loss's parameters, not its buffers), and hands the loss no reference to the
+    trainer; hence the one line, and the loss's warning at its first training call when the line is missing.
     """
 
     def __init__(self, loss: ISCSELoss, resume_from_checkpoint: Optional[str] = None, strict: bool = True,
@@ -346,6 +404,7 @@ class ISCSECheckpointCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         """On a resumed run, restore the loss state saved with the checkpoint."""
+        _CHECKPOINTED.add(self.criterion)
         if state.global_step == 0:
             return control
         name = _state_file(args.world_size, args.process_index, self.name)
