@@ -385,6 +385,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     saving a checkpoint)."""
     from .errors import ConfigError
 
+    if "WORLD_SIZE" in os.environ:
+        # Before any process group exists (TrainingArguments creates it): imported later (DDP imports it), this
+        # module writes the live group into ten functions' default arguments, so destroy_process_group() cannot free
+        # it and its gloo threads run on into the interpreter's teardown (see tests/st_ddp_worker.py).
+        import torch.distributed.nn  # noqa: F401
+
     pkg = logging.getLogger("iscse")
     old_level = pkg.level
     pkg.setLevel(logging.INFO)
