@@ -395,3 +395,38 @@ def test_kernels_compile_for_sm90():
                           capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "0 failed to compile" in proc.stdout
+
+
+def _second_derivative_of(fn, *leaves):
+    """``fn(*leaves)`` (a scalar), its gradient with ``create_graph=True``, then that gradient's backward."""
+    out = fn(*leaves)
+    (g,) = torch.autograd.grad(out, leaves[:1], create_graph=True)
+    g.square().sum().backward()
+
+
+@pytest.mark.parametrize("op", ["smooth", "info_nce", "iscse_loss", "iscse_loss + torch term", "backward()"])
+def test_double_backward_raises(op):
+    """The kernels' gradients carry no graph, so differentiating them again would be silently wrong (zero): every
+    Function of the Triton backend refuses ``create_graph=True`` with an error that names the torch backend, whether
+    the incoming gradient is a constant (plain ``autograd.grad``) or itself requires grad; first-order backward is
+    unaffected (the rest of this module)."""
+    B, M, D, k = 5, 12, 13, 3
+    z1, z2 = torch.randn(B, D, requires_grad=True), torch.randn(B, D, requires_grad=True)
+    storage = torch.nn.functional.normalize(torch.randn(M, D), dim=1)
+    buf = _full_buffer(storage, torch.float32)
+
+    def loss(a, b):
+        return iscse.iscse_loss(a, b, buf, k=k, backend="triton")
+
+    with pytest.raises(RuntimeError, match="no double backward.*backend='torch'"):
+        if op == "smooth":
+            idx = torch.stack([torch.randperm(M)[:k] for _ in range(B)])
+            _second_derivative_of(lambda q: triton_ops.smooth(q, storage, idx, torch.randn(B, k)).sum(), z2)
+        elif op == "info_nce":
+            _second_derivative_of(lambda a, b: triton_ops.info_nce(a, b), z1, z2)
+        elif op == "iscse_loss":
+            _second_derivative_of(loss, z1, z2)
+        elif op == "iscse_loss + torch term":  # the gradient has a graph through the torch term only
+            _second_derivative_of(lambda a, b: loss(a, b) + a.square().sum(), z1, z2)
+        else:  # an incoming gradient that requires grad, through backward(create_graph=True)
+            (loss(z1, z2) * z1.sum()).backward(create_graph=True)
