@@ -307,3 +307,34 @@ def test_fused_step_launch_count(hold, monkeypatch):
         assert sum(any(m in n for m in mine) for n in names) == expected, names
         assert len(names) == expected, f"launches other than the fused kernels: {names}"
         z1.grad = z2.grad = None
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_tensors_on_another_device_than_the_current_one():
+    """Inputs on ``cuda:1`` while ``cuda:0`` is current: every op launches on ``cuda:1`` (Triton launches on the
+    current device unless the backend enters the tensors'), and the results equal the same step run with
+    ``cuda:1`` current."""
+    B, M, D, k = 64, 1024, 768, 16
+    dev = torch.device("cuda", 1)
+    rows = F.normalize(torch.randn(M, D), dim=1)
+    z1, z2 = torch.randn(B, D), torch.randn(B, D)
+    results = []
+    for current in (0, 1):
+        with torch.cuda.device(current):
+            buf = iscse.MemoryBuffer(M, D, device=dev)
+            buf.storage.copy_(rows.to(dev))
+            buf.written = M
+            a1, a2 = z1.to(dev).requires_grad_(), z2.to(dev).requires_grad_()
+            out = iscse.iscse_loss(a1, a2, buf, k=k, backend="triton", return_components=True, check_finite=False)
+            (0.7 * out.contrastive + 1.3 * out.smooth).backward()
+            q2 = F.normalize(a2.detach(), dim=-1)
+            vals, idx = iscse.knn_topk(q2, buf, k, backend="triton")
+            z_star = iscse.smooth(q2, buf, idx, vals, backend="triton")
+            nce = iscse.info_nce(a1.detach(), a2.detach(), backend="triton")
+            torch.cuda.synchronize(dev)
+            results.append([t.cpu() for t in (out.contrastive, out.smooth, a1.grad, a2.grad, vals, idx, z_star,
+                                               nce, buf.storage)])
+    assert results[0][1].item() > 0  # smoothing was on
+    names = ("L_cl", "L_s", "grad z1", "grad z2", "knn vals", "knn idx", "z*", "info_nce", "buffer")
+    for name, a, b in zip(names, *results):
+        assert torch.equal(a, b), f"{name}: differs when cuda:0 is current"

@@ -430,3 +430,61 @@ def test_double_backward_raises(op):
             _second_derivative_of(lambda a, b: loss(a, b) + a.square().sum(), z1, z2)
         else:  # an incoming gradient that requires grad, through backward(create_graph=True)
             (loss(z1, z2) * z1.sum()).backward(create_graph=True)
+
+
+def test_launches_enter_the_inputs_device(monkeypatch):
+    """Triton launches on the current CUDA device, whatever the tensors' device: every kernel launch of every entry
+    point of the backend (the standalone ops, the fused Function, their backward) happens inside the context
+    ``_on_device`` gives for its inputs. The context and the kernels are replaced by recorders (no GPU here, and
+    the recorded launches need not run); ``_on_device`` itself is checked on a CUDA device without entering it."""
+    from types import SimpleNamespace
+
+    from iscse.kernels import info_nce as N
+    from iscse.kernels import iscse_loss as L
+    from iscse.kernels import knn_topk as K
+    from iscse.kernels import smooth as S
+
+    ctx = triton_ops._on_device(SimpleNamespace(device=torch.device("cuda", 1)))
+    assert isinstance(ctx, torch.cuda.device) and ctx.idx == 1
+    entered, launches = [], []
+
+    class Device:
+        def __init__(self, t):
+            self.device = t.device
+
+        def __enter__(self):
+            entered.append(self.device)
+
+        def __exit__(self, *exc):
+            entered.pop()
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((self.name, list(entered)))
+
+    monkeypatch.setattr(triton_ops, "_on_device", Device)
+    for mod in (K, S, N, L):
+        for name in [n for n in vars(mod) if n.startswith("_") and n.endswith("_kernel")]:
+            monkeypatch.setattr(mod, name, Recorder(name))
+    B, M, D, k = 5, 12, 13, 3
+    z1, z2 = torch.randn(B, D, requires_grad=True), torch.randn(B, D, requires_grad=True)
+    storage = torch.randn(M, D)
+    idx = torch.randint(0, M, (B, k))
+    triton_ops.knn_topk(z2, storage, k, torch.arange(B))
+    triton_ops.smooth(z2, storage, idx, torch.randn(B, k)).sum().backward()
+    triton_ops.info_nce(z1, z2).backward()
+    for hold in (2**62, -1):
+        monkeypatch.setattr(L, "HOLD_MAX_BYTES", hold)
+        l_cl, l_s = triton_ops.TritonBackend().iscse_loss(
+            z1, z2, z2.detach(), storage, torch.arange(B), 0, k=k, temperature=0.05, attn_temperature=2.0,
+            smooth=True)
+        (l_cl + l_s).backward()
+    names = {name for name, _ in launches}
+    assert names == {"_knn_chunk_kernel", "_knn_merge_kernel", "_smooth_fwd_kernel", "_smooth_bwd_kernel",
+                     "_info_nce_rows_kernel", "_info_nce_cols_kernel", "_info_nce_grads_kernel",
+                     "_iscse_loss_scale_kernel"}, names
+    outside = [name for name, devices in launches if devices != [z1.device]]
+    assert not outside, f"launched outside the inputs' device context: {outside}"
