@@ -289,13 +289,7 @@ def memory_plan(B: int, M: int, D: int, k: int, dtype, *, hold=None, sms: int = 
     import iscse
     from iscse.backends import triton_fused as T
     from iscse.kernels import _common as C
-    from iscse.kernels import info_nce as N
     from iscse.kernels import iscse_loss as L
-    from iscse.kernels import knn_topk as K
-
-    def clear_config_caches():  # cached per device, and meta stands for any card here
-        K._knn_config_cached.cache_clear()
-        N._info_nce_config_cached.cache_clear()
 
     class Count(TorchDispatchMode):
         """Bytes of the storages created inside the mode that are still alive; outputs that alias an input (views,
@@ -326,8 +320,7 @@ def memory_plan(B: int, M: int, D: int, k: int, dtype, *, hold=None, sms: int = 
     kernels = _patch_kernels(record=False)
     saved = (T._check, L.HOLD_MAX_BYTES, C.ASSUMED_SMS)
     T._check = lambda **tensors: None  # the launchers run on meta tensors: no device check
-    C.ASSUMED_SMS = sms
-    clear_config_caches()
+    C.ASSUMED_SMS = sms  # the launchers' config caches are keyed on the SM count, so no stale entry is used
     if hold is not None:
         L.HOLD_MAX_BYTES = 2**62 if hold else -1
     try:
@@ -341,7 +334,6 @@ def memory_plan(B: int, M: int, D: int, k: int, dtype, *, hold=None, sms: int = 
         held = L.hold_for_backward(B, k, D, meta, buffer_dtype=dtype, dtype=dtype)
     finally:
         T._check, L.HOLD_MAX_BYTES, C.ASSUMED_SMS = saved
-        clear_config_caches()
         _unpatch_kernels(kernels)
     return dict(shape=[B, M, D, k], dtype=str(dtype).replace("torch.", ""), peak_bytes=count.peak,
                 held=held if hold is None else hold,

@@ -155,31 +155,48 @@ def _dot_tiles(
 @triton.jit
 def _row_stats(
     PSTATS, rows, r_mask, N_SPLIT, stride_ps, stride_pk,
-    K_M: tl.constexpr, BLOCK: tl.constexpr,
+    K_M: tl.constexpr,
 ):
     """Merge the row pass's per-split online-softmax statistics ``(m, l, s)`` (at rows ``K_M``, ``K_M + 1``,
-    ``K_M + 2``) of the given rows, splits in order: returns ``(M, l, s)`` with ``M = max_s m_s``,
-    ``l = sum_s l_s exp(m_s - M)``, ``s = sum_s s_s exp(m_s - M)``. Masked rows give ``(0, N_SPLIT, 0)``."""
-    big = tl.full([BLOCK], float("-inf"), tl.float32)
-    for sp in range(0, N_SPLIT):
-        m = tl.load(PSTATS + sp * stride_ps + K_M * stride_pk + rows, mask=r_mask, other=0.0)
-        big = tl.maximum(big, m)
-    tot = tl.zeros([BLOCK], tl.float32)
-    wsum = tl.zeros([BLOCK], tl.float32)
-    for sp in range(0, N_SPLIT):
+    ``K_M + 2`` of ``PSTATS``) of ``rows`` (a block of rows, or one row with a scalar mask), splits in order:
+    ``(M, l, s)`` with ``M = max_s m_s``, ``l = sum_s l_s exp(m_s - M)``, ``s = sum_s s_s exp(m_s - M)``. Masked
+    rows give ``(0, N_SPLIT, 0)``. The one place the splits' statistics are merged (column pass, losses, gradients
+    kernel); split 0 starts the running values (one load fewer than starting from -inf)."""
+    m0 = tl.load(PSTATS + K_M * stride_pk + rows, mask=r_mask, other=0.0)
+    big = m0
+    for sp in range(1, N_SPLIT):
+        big = tl.maximum(big, tl.load(PSTATS + sp * stride_ps + K_M * stride_pk + rows, mask=r_mask, other=0.0))
+    e0 = tl.exp(m0 - big)
+    tot = tl.load(PSTATS + (K_M + 1) * stride_pk + rows, mask=r_mask, other=1.0) * e0
+    wsum = tl.load(PSTATS + (K_M + 2) * stride_pk + rows, mask=r_mask, other=0.0) * e0
+    for sp in range(1, N_SPLIT):
         base = PSTATS + sp * stride_ps + rows
-        m = tl.load(base + K_M * stride_pk, mask=r_mask, other=0.0)
-        e = tl.exp(m - big)
+        e = tl.exp(tl.load(base + K_M * stride_pk, mask=r_mask, other=0.0) - big)
         tot += tl.load(base + (K_M + 1) * stride_pk, mask=r_mask, other=1.0) * e
         wsum += tl.load(base + (K_M + 2) * stride_pk, mask=r_mask, other=0.0) * e
     return big, tot, wsum
 
 
 @triton.jit
-def _split_sum(STATS, idx, mask, N_SPLIT, stride_s, stride_k, K: tl.constexpr, BLOCK: tl.constexpr):
-    """``sum_s STATS[s, K, idx]`` over the splits, in order (fixed order: deterministic)."""
-    acc = tl.zeros([BLOCK], tl.float32)
-    for sp in range(0, N_SPLIT):
+def _online_softmax(m, l, s, cos, c_mask, inv_tau):
+    """One column tile of the row pass's online log-sum-exp (Milakov & Gimelshein 2018) over ``cos / tau`` per
+    row, with the ``P``-weighted sum of ``cos`` beside the sum: from the running ``(m, l, s)`` (``(BLOCK_M,)``) and
+    the tile ``cos`` (``(BLOCK_M, BLOCK_N)``, columns outside ``c_mask`` left out), returns the new ``(m, l, s)``,
+    the factor ``alpha = exp(m_old - m_new)`` that rescales everything accumulated so far (``u`` too) and the
+    tile's ``P`` up to that row factor, ``exp(cos / tau - m_new)``."""
+    logit = tl.where(c_mask[None, :], cos * inv_tau, float("-inf"))
+    new = tl.maximum(m, tl.max(logit, axis=1))
+    alpha = tl.exp(m - new)
+    p = tl.exp(logit - new[:, None])
+    return new, l * alpha + tl.sum(p, axis=1), s * alpha + tl.sum(p * cos, axis=1), alpha, p
+
+
+@triton.jit
+def _split_sum(STATS, idx, mask, N_SPLIT, stride_s, stride_k, K: tl.constexpr):
+    """``sum_s STATS[s, K, idx]`` over the splits, in order (fixed order: deterministic); ``idx`` a block of
+    rows or one row (with a scalar mask)."""
+    acc = tl.load(STATS + K * stride_k + idx, mask=mask, other=0.0)
+    for sp in range(1, N_SPLIT):
         acc += tl.load(STATS + sp * stride_s + K * stride_k + idx, mask=mask, other=0.0)
     return acc
 
@@ -237,26 +254,14 @@ def _info_nce_rows_kernel(
         cos1 = dot1 * rx[:, None] * ry[None, :]
         diag1 += tl.sum(tl.where(eye, cos1, 0.0), axis=1)
         ry_own += tl.sum(tl.where(eye, ry[None, :], 0.0), axis=1)
-        logit1 = tl.where(c_mask[None, :], cos1 * inv_tau, float("-inf"))
-        new1 = tl.maximum(m1, tl.max(logit1, axis=1))
-        alpha1 = tl.exp(m1 - new1)
-        p1 = tl.exp(logit1 - new1[:, None])
-        l1 = l1 * alpha1 + tl.sum(p1, axis=1)
-        s1 = s1 * alpha1 + tl.sum(p1 * cos1, axis=1)
-        m1 = new1
+        m1, l1, s1, alpha1, p1 = _online_softmax(m1, l1, s1, cos1, c_mask, inv_tau)
         pw1 = p1 * ry[None, :]
         if HAS_Z:
             rz = 1.0 / tl.maximum(tl.sqrt(ssz), eps)
             cos2 = dot2 * rx[:, None] * rz[None, :]
             diag2 += tl.sum(tl.where(eye, cos2, 0.0), axis=1)
             rz_own += tl.sum(tl.where(eye, rz[None, :], 0.0), axis=1)
-            logit2 = tl.where(c_mask[None, :], cos2 * inv_tau, float("-inf"))
-            new2 = tl.maximum(m2, tl.max(logit2, axis=1))
-            alpha2 = tl.exp(m2 - new2)
-            p2 = tl.exp(logit2 - new2[:, None])
-            l2 = l2 * alpha2 + tl.sum(p2, axis=1)
-            s2 = s2 * alpha2 + tl.sum(p2 * cos2, axis=1)
-            m2 = new2
+            m2, l2, s2, alpha2, p2 = _online_softmax(m2, l2, s2, cos2, c_mask, inv_tau)
             pw2 = p2 * rz[None, :]
         # u <- alpha u + P_tile @ y^_tile in this split's accumulator (rows only this program owns). Threads of this
         # program read elements that other threads of it stored in the previous tile (load and store layouts
@@ -326,10 +331,10 @@ def _info_nce_cols_kernel(
     for it in range(0, m_here):
         rows = (t_lo + it) * BLOCK_M + offs_m
         r_mask = rows < B
-        big1, sum1, _ = _row_stats(PSTATS, rows, r_mask, N_RSPLIT, stride_ps, stride_pk, 0, BLOCK_M)
+        big1, sum1, _ = _row_stats(PSTATS, rows, r_mask, N_RSPLIT, stride_ps, stride_pk, 0)
         lse1 = big1 + tl.log(sum1)
         if HAS_Z:
-            big2, sum2, _ = _row_stats(PSTATS, rows, r_mask, N_RSPLIT, stride_ps, stride_pk, 3, BLOCK_M)
+            big2, sum2, _ = _row_stats(PSTATS, rows, r_mask, N_RSPLIT, stride_ps, stride_pk, 3)
             lse2 = big2 + tl.log(sum2)
         dot1, dot2, ssx, ssy, ssz = _dot_tiles(
             X, Y, Z, rows, cols, r_mask, c_mask, D, stride_xb, stride_xd, stride_yb, stride_yd, stride_zb, stride_zd,
@@ -375,24 +380,15 @@ def _info_nce_cols_kernel(
         for r0 in range(0, B, BLOCK_R):
             r = r0 + offs_r
             rm = r < B
-            bg, sm, _ = _row_stats(PSTATS, r, rm, N_RSPLIT, stride_ps, stride_pk, 0, BLOCK_R)
-            dg = _split_sum(PSTATS, r, rm, N_RSPLIT, stride_ps, stride_pk, 6, BLOCK_R)
+            bg, sm, _ = _row_stats(PSTATS, r, rm, N_RSPLIT, stride_ps, stride_pk, 0)
+            dg = _split_sum(PSTATS, r, rm, N_RSPLIT, stride_ps, stride_pk, 6)
             loss1 += tl.where(rm, bg + tl.log(sm) - dg * inv_tau, 0.0)
             if HAS_Z:
-                bg, sm, _ = _row_stats(PSTATS, r, rm, N_RSPLIT, stride_ps, stride_pk, 3, BLOCK_R)
-                dg = _split_sum(PSTATS, r, rm, N_RSPLIT, stride_ps, stride_pk, 7, BLOCK_R)
+                bg, sm, _ = _row_stats(PSTATS, r, rm, N_RSPLIT, stride_ps, stride_pk, 3)
+                dg = _split_sum(PSTATS, r, rm, N_RSPLIT, stride_ps, stride_pk, 7)
                 loss2 += tl.where(rm, bg + tl.log(sm) - dg * inv_tau, 0.0)
         tl.store(LOSS_CL, tl.sum(loss1, axis=0) * inv_b)
         tl.store(LOSS_S, tl.sum(loss2, axis=0) * inv_b)
-
-
-@triton.jit
-def _split_sum1(STATS, row, N_SPLIT, stride_s, stride_k, K: tl.constexpr):
-    """``sum_s STATS[s, K, row]`` for one row, splits in order."""
-    acc = tl.load(STATS + K * stride_k + row)
-    for sp in range(1, N_SPLIT):
-        acc += tl.load(STATS + sp * stride_s + K * stride_k + row)
-    return acc
 
 
 @triton.jit
@@ -401,20 +397,9 @@ def _loss_row(PSTATS, CSTATS, row, N_RSPLIT, N_CSPLIT, stride_ps, stride_pk, str
     """One row's merged statistics of one loss (``K_M``: its ``m, l, s`` rows in PSTATS, ``K_DIAG`` its
     ``cos_ii``, ``K_T`` its ``t`` row in CSTATS): ``M = max_s m_s``, ``1 / l``, ``s / l - cos_ii`` and
     ``t_i - cos_ii``, the per-row factors of the gradient formulas (module docstring)."""
-    m0 = tl.load(PSTATS + K_M * stride_pk + row)
-    big = m0
-    for sp in range(1, N_RSPLIT):
-        big = tl.maximum(big, tl.load(PSTATS + sp * stride_ps + K_M * stride_pk + row))
-    e0 = tl.exp(m0 - big)
-    tot = tl.load(PSTATS + (K_M + 1) * stride_pk + row) * e0
-    wsum = tl.load(PSTATS + (K_M + 2) * stride_pk + row) * e0
-    for sp in range(1, N_RSPLIT):
-        base = PSTATS + sp * stride_ps + row
-        e = tl.exp(tl.load(base + K_M * stride_pk) - big)
-        tot += tl.load(base + (K_M + 1) * stride_pk) * e
-        wsum += tl.load(base + (K_M + 2) * stride_pk) * e
-    diag = _split_sum1(PSTATS, row, N_RSPLIT, stride_ps, stride_pk, K_DIAG)
-    t = _split_sum1(CSTATS, row, N_CSPLIT, stride_cs, stride_ck, K_T)
+    big, tot, wsum = _row_stats(PSTATS, row, row >= 0, N_RSPLIT, stride_ps, stride_pk, K_M)
+    diag = _split_sum(PSTATS, row, row >= 0, N_RSPLIT, stride_ps, stride_pk, K_DIAG)
+    t = _split_sum(CSTATS, row, row >= 0, N_CSPLIT, stride_cs, stride_ck, K_T)
     inv_l = 1.0 / tot
     return big, inv_l, wsum * inv_l - diag, t - diag
 
@@ -478,13 +463,13 @@ def _info_nce_grads_kernel(
     f_cl = 1.0
     f_s = 1.0
     if WITH_CL:
-        ry = _split_sum1(PSTATS, row, N_RSPLIT, stride_ps, stride_pk, 8)
+        ry = _split_sum(PSTATS, row, row >= 0, N_RSPLIT, stride_ps, stride_pk, 8)
         big1, inv_l1, c1, e1 = _loss_row(PSTATS, CSTATS, row, N_RSPLIT, N_CSPLIT, stride_ps, stride_pk, stride_cs,
                                          stride_ck, 0, 6, 0)
         if SUM:
             f_cl = tl.load(G_CL).to(tl.float32)
     if WITH_S:
-        rz = _split_sum1(PSTATS, row, N_RSPLIT, stride_ps, stride_pk, 9)
+        rz = _split_sum(PSTATS, row, row >= 0, N_RSPLIT, stride_ps, stride_pk, 9)
         big2, inv_l2, c2, e2 = _loss_row(PSTATS, CSTATS, row, N_RSPLIT, N_CSPLIT, stride_ps, stride_pk, stride_cs,
                                          stride_ck, 3, 7, 1)
         if SUM:
@@ -602,22 +587,27 @@ def info_nce_config(batch: int, dim: int, device: torch.device, *, has_z: bool =
     blocks cover up to 64 rows and two splits are used wherever there are two tiles, so the interpreter runs few
     programs but still the split/merge path. Split counts are clamped to ``[1, number of tiles]``. Without
     overrides the result is cached per shape (it is asked for twice per fused step: launch overhead matters at the
-    paper's small sizes); a copy is returned.
+    paper's small sizes); a copy is returned. The cache key holds everything the result depends on (the device's
+    SM count and the module's limits included, not the device object), so changing a limit or the current device
+    never returns a stale entry.
     """
+    sms = num_sms(device) if device.type != "cpu" else 0
+    limits = (_MAX_SPLITS, _PARTIAL_BYTES)
     if not any(v is not None for v in overrides.values()):
-        return dict(_info_nce_config_cached(batch, dim, device, has_z, dtype))
-    return _info_nce_config(batch, dim, device, has_z, dtype, overrides)
+        return dict(_info_nce_config_cached(batch, dim, device.type, sms, has_z, dtype, limits))
+    return _info_nce_config(batch, dim, device.type, sms, has_z, dtype, limits, overrides)
 
 
 @functools.lru_cache(maxsize=256)
-def _info_nce_config_cached(batch, dim, device, has_z, dtype):
-    return _info_nce_config(batch, dim, device, has_z, dtype, {})
+def _info_nce_config_cached(batch, dim, device_type, sms, has_z, dtype, limits):
+    return _info_nce_config(batch, dim, device_type, sms, has_z, dtype, limits, {})
 
 
-def _info_nce_config(batch: int, dim: int, device: torch.device, has_z: bool, dtype: torch.dtype,
-                     overrides: dict) -> dict:
+def _info_nce_config(batch: int, dim: int, device_type: str, sms: int, has_z: bool, dtype: torch.dtype,
+                     limits: tuple, overrides: dict) -> dict:
+    max_splits, partial_max = limits
     n_acc = 2 if has_z else 1
-    if device.type == "cpu":
+    if device_type == "cpu":
         full = max(16, min(64, triton.next_power_of_2(batch)))
         tile = _split_tile(batch, 2)
         cfg = dict(ROWS_M=full, ROWS_N=tile, COLS_M=tile, COLS_N=full,
@@ -626,9 +616,8 @@ def _info_nce_config(batch: int, dim: int, device: torch.device, has_z: bool, dt
         target = 2 * triton.cdiv(batch, full)
         cap = 2
     else:
-        sms = num_sms(device)
         target = 2 * sms
-        cap = max(1, min(_MAX_SPLITS, 1 + _PARTIAL_BYTES // max(1, batch * dim * 4 * n_acc)))
+        cap = max(1, min(max_splits, 1 + partial_max // max(1, batch * dim * 4 * n_acc)))
         want = min(cap, _per_block(target, triton.cdiv(batch, 16)))
         tile = _split_tile(batch, want, (32, 16))
         # Registers (module docstring): at most 168 per thread (three 4-warp programs per SM), which without spills

@@ -157,22 +157,25 @@ def knn_config(batch: int, size: int, dim: int, k: int, device: torch.device, *,
     On CUDA: enough ``(row block, chunk)`` programs to fill the GPU about four times over, chunks a multiple of
     ``BLOCK_N``; ``dtype`` (the buffer's) picks the feature step. On CPU tensors (the interpreter) the tiles are
     large, so few Python-level iterations run. Without overrides the result is cached per shape (launch overhead
-    matters at the paper's small sizes).
+    matters at the paper's small sizes); a copy is returned. The cache key holds everything the result depends on
+    (the device's SM count and the module's limits included, not the device object), so changing a limit or the
+    current device never returns a stale entry.
     """
     overrides = {k_: v for k_, v in overrides.items() if v is not None}
+    sms = num_sms(device) if device.type != "cpu" else 0
     if not overrides:
-        return _knn_config_cached(batch, size, dim, k, device, dtype)
-    return _knn_config(batch, size, dim, k, device, dtype, overrides)
+        return dict(_knn_config_cached(batch, size, dim, k, device.type, sms, dtype, _MAX_CHUNKS))
+    return _knn_config(batch, size, dim, k, device.type, sms, dtype, _MAX_CHUNKS, overrides)
 
 
 @functools.lru_cache(maxsize=256)
-def _knn_config_cached(batch, size, dim, k, device, dtype):
-    return _knn_config(batch, size, dim, k, device, dtype, {})
+def _knn_config_cached(batch, size, dim, k, device_type, sms, dtype, max_chunks):
+    return _knn_config(batch, size, dim, k, device_type, sms, dtype, max_chunks, {})
 
 
-def _knn_config(batch: int, size: int, dim: int, k: int, device: torch.device, dtype: torch.dtype,
-                overrides: dict) -> dict:
-    if device.type == "cpu":
+def _knn_config(batch: int, size: int, dim: int, k: int, device_type: str, sms: int, dtype: torch.dtype,
+                max_chunks: int, overrides: dict) -> dict:
+    if device_type == "cpu":
         cfg = dict(BLOCK_B=max(16, min(64, triton.next_power_of_2(batch))), BLOCK_N=64,
                    BLOCK_D=max(16, min(128, triton.next_power_of_2(dim))), num_warps=4, num_stages=1, chunk=None)
     else:
@@ -194,11 +197,11 @@ def _knn_config(batch: int, size: int, dim: int, k: int, device: torch.device, d
     if cfg["chunk"] is None:
         row_blocks = triton.cdiv(batch, cfg["BLOCK_B"])
         tiles = triton.cdiv(size, cfg["BLOCK_N"])
-        if device.type == "cpu":
+        if device_type == "cpu":
             target = 2  # exercise the merge, keep the interpreter's program count small
         else:
-            target = max(1, 4 * num_sms(device) // row_blocks)
-        chunks = max(1, min(target, tiles, _MAX_CHUNKS))
+            target = max(1, 4 * sms // row_blocks)
+        chunks = max(1, min(target, tiles, max_chunks))
         cfg["chunk"] = triton.cdiv(tiles, chunks) * cfg["BLOCK_N"]
     else:
         cfg["chunk"] = triton.cdiv(cfg["chunk"], cfg["BLOCK_N"]) * cfg["BLOCK_N"]

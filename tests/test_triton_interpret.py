@@ -488,3 +488,28 @@ def test_launches_enter_the_inputs_device(monkeypatch):
                      "_iscse_loss_scale_kernel"}, names
     outside = [name for name, devices in launches if devices != [z1.device]]
     assert not outside, f"launched outside the inputs' device context: {outside}"
+
+
+def test_configs_are_copies_and_follow_the_module_limits(monkeypatch):
+    """``knn_config`` and ``info_nce_config`` return copies (a caller's edit does not reach the next launch), and
+    their caches are keyed on everything they read: a changed SM count or module limit is seen at once, with no
+    cache to clear."""
+    from iscse.kernels import _common as C
+    from iscse.kernels import info_nce as N
+    from iscse.kernels import knn_topk as K
+
+    meta = torch.device("meta")
+    for get in (lambda: K.knn_config(512, 65536, 768, 16, meta), lambda: N.info_nce_config(512, 1024, meta)):
+        cfg = get()
+        cfg["num_warps"] = -1
+        assert get()["num_warps"] != -1 and get() is not get()
+    knn, nce = K.knn_config(512, 65536, 768, 16, meta), N.info_nce_config(512, 1024, meta)
+    monkeypatch.setattr(C, "ASSUMED_SMS", 2 * C.ASSUMED_SMS)
+    assert K.knn_config(512, 65536, 768, 16, meta)["chunk"] < knn["chunk"]  # more SMs: more, smaller chunks
+    assert N.info_nce_config(512, 1024, meta)["ROW_SPLITS"] > nce["ROW_SPLITS"]
+    monkeypatch.setattr(K, "_MAX_CHUNKS", 1)
+    assert K.knn_config(512, 65536, 768, 16, meta)["chunk"] >= 65536
+    monkeypatch.setattr(N, "_PARTIAL_BYTES", 0)
+    assert N.info_nce_config(512, 1024, meta)["ROW_SPLITS"] == 1
+    monkeypatch.undo()
+    assert K.knn_config(512, 65536, 768, 16, meta) == knn and N.info_nce_config(512, 1024, meta) == nce
