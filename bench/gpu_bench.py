@@ -33,8 +33,8 @@ as ``timeout -s INT`` sends) stops it, writes the JSON and prints the table.
 Other modes (no GPU needed):
 
 - ``--compile-only``: compile every Triton kernel specialisation that the launchers would use at the benchmark
-  shapes (and a few odd ones) for ``sm_<arch>`` with Triton's bundled ptxas, and print registers / spills / shared
-  memory per kernel. Exit status 1 if any fails to compile. Runs the launchers' own code on ``meta`` tensors.
+  shapes (and a few odd ones, and the paper's shape at k = 128 and 256) for ``sm_<arch>`` with Triton's bundled
+  ptxas, and print registers / spills / shared memory per kernel. Exit status 1 if any fails to compile. Runs the launchers' own code on ``meta`` tensors.
 - ``--cpu-smoke`` (or ``--dry-run``): the whole driver, worker processes and time bounds included, on tiny shapes on
   CPU with ``TRITON_INTERPRET=1`` (wall-clock timing instead of do_bench, no profiler counts, no CUDA graph,
   ``torch.compile`` with its ``eager`` backend): checks the script end to end before a GPU run.
@@ -220,7 +220,10 @@ def compile_only(arch: int = 90, quick: bool = False) -> int:
         print("compile-only needs the compiled (not interpreted) kernels: unset TRITON_INTERPRET")
         return 1
     odd = [(5, 37, 13, 7), (33, 97, 13, 64), (1, 9, 13, 1)]
-    shapes = [(B, M, D, k, dt) for (B, M, D, k) in (SHAPES[:1] + odd[:1] if quick else SHAPES + odd)
+    # Large k at a real width: the per-row kernels' K_PAD x BLOCK_D neighbour tiles and the kNN's running top-k
+    # are largest there (row_block_d and knn_config shrink their blocks as k grows).
+    large_k = [(64, 1024, 768, 128), (64, 1024, 768, 256)]
+    shapes = [(B, M, D, k, dt) for (B, M, D, k) in (SHAPES[:1] + odd[:1] if quick else SHAPES + odd + large_k)
               for dt in (torch.float32, torch.bfloat16)]
     if not quick:
         shapes.append((64, 1024, 768, 16, torch.float16))

@@ -764,7 +764,7 @@ def info_nce_grads(p: Passes, *, g_cl: Optional[torch.Tensor] = None, g_s: Optio
         up1.stride(0), vp1.stride(0), p.pstats.stride(0), p.pstats.stride(1), p.cstats.stride(0),
         p.cstats.stride(1), *sm_strides, outs[0].stride(0),
         WITH_CL=with_cl, WITH_S=with_s, SUM=out is not None, K=k, K_PAD=k_pad(k),
-        BLOCK_D=row_block_d(dim, p.x.device), MEAN=bool(mean) and smooth is not None, num_warps=4,
+        BLOCK_D=row_block_d(dim, p.x.device, k), MEAN=bool(mean) and smooth is not None, num_warps=4,
         **({} if p.x.device.type == "cpu" else {"maxnreg": _GRADS_MAXNREG}),
     )
     return outs if out is None else out

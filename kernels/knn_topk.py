@@ -41,6 +41,7 @@ necessarily as ``torch.topk`` breaks them. NaN inputs give unspecified neighbour
 from __future__ import annotations
 
 import functools
+import numbers
 
 import torch
 import triton
@@ -48,9 +49,10 @@ import triton.language as tl
 
 from ._common import fp32_dot_precision, k_pad, merge_block, merge_topk, num_sms, row_block_d
 
-__all__ = ["knn_topk", "knn_topk_candidates", "knn_config"]
+__all__ = ["knn_topk", "knn_topk_candidates", "knn_config", "check_k", "MAX_K"]
 
-
+#: Largest k: the running top-k is a ``BLOCK_B x next_power_of_2(k)`` register tile.
+MAX_K = 256
 # At most this many chunks of M: bounds the candidates each merge program reads (B x chunks x K_PAD in all).
 _MAX_CHUNKS = 512
 
@@ -208,15 +210,30 @@ def _knn_config(batch: int, size: int, dim: int, k: int, device_type: str, sms: 
     return cfg
 
 
+def check_k(k: int, size: int, has_self: bool) -> None:
+    """``ValueError`` unless ``1 <= k <= MAX_K`` and ``k`` is at most the rows that can be neighbours: ``size``, less
+    one when each query's own slot is excluded. (Asked for more, the merge would fill the missing places with
+    ``-inf`` candidates, whose slot is 0, and return a slot twice.)"""
+    if not isinstance(k, numbers.Integral) or isinstance(k, bool) or not 1 <= k <= MAX_K:
+        raise ValueError(f"k must be an int in [1, {MAX_K}], got {k!r}")
+    candidates = size - 1 if has_self else size
+    if k > candidates:
+        own = ", each query's own slot excluded" if has_self else ""
+        raise ValueError(f"k={k} is larger than the {candidates} buffer rows that can be neighbours (M={size}{own}); "
+                         f"use k <= {candidates} or a larger buffer")
+
+
 def knn_topk_candidates(q: torch.Tensor, storage: torch.Tensor, k: int, self_slots, **overrides):
     """Launch ``_knn_chunk_kernel``: per-chunk top-``K_PAD`` candidates for each query.
 
     ``q`` ``(B, D)`` and ``storage`` ``(M, D)`` on one device (fp32/bf16/fp16), ``self_slots`` int64 ``(B,)`` or
-    None. Returns ``(cand_v, cand_i)``: fp32 and int32 ``(B, n_chunks, K_PAD)``, unsorted within a chunk, ``-inf``
-    where a chunk has fewer than ``K_PAD`` eligible rows. ``overrides``: tile sizes (see :func:`knn_config`).
+    None; ``k`` as :func:`check_k` allows (``ValueError`` otherwise). Returns ``(cand_v, cand_i)``: fp32 and int32
+    ``(B, n_chunks, K_PAD)``, unsorted within a chunk, ``-inf`` where a chunk has fewer than ``K_PAD`` eligible
+    rows. ``overrides``: tile sizes (see :func:`knn_config`).
     """
     batch, dim = q.shape
     size = storage.shape[0]
+    check_k(k, size, self_slots is not None)
     kp = k_pad(k)
     cfg = knn_config(batch, size, dim, k, q.device, dtype=storage.dtype, **overrides)
     if q.device.type == "cpu" and q.dtype != storage.dtype:
@@ -242,8 +259,9 @@ def knn_topk_candidates(q: torch.Tensor, storage: torch.Tensor, k: int, self_slo
 def knn_topk(q: torch.Tensor, storage: torch.Tensor, k: int, self_slots=None, **overrides):
     """Top-``k`` buffer slots by dot product for each query (two launches: chunk kernel, merge kernel).
 
-    ``q`` ``(B, D)``, ``storage`` ``(M, D)`` (fp32/bf16/fp16, one device), ``1 <= k <= 64``, ``self_slots`` int64
-    ``(B,)`` slots to exclude or None. Returns ``(vals, idx)``: fp32 exact dot products (``q`` and the rows upcast to
+    ``q`` ``(B, D)``, ``storage`` ``(M, D)`` (fp32/bf16/fp16, one device), ``self_slots`` int64 ``(B,)`` slots to
+    exclude or None, ``1 <= k <= 256`` and at most the rows that can be neighbours (``M``, or ``M - 1`` with
+    ``self_slots``; :func:`check_k` raises ``ValueError`` otherwise). Returns ``(vals, idx)``: fp32 exact dot products (``q`` and the rows upcast to
     fp32) and int64 slots, each ``(B, k)``, sorted by descending similarity. Nothing is differentiable.
     ``overrides``: tile sizes of the chunk kernel (:func:`knn_config`) and ``BLOCK_C`` of the merge.
     """
@@ -260,7 +278,7 @@ def knn_topk(q: torch.Tensor, storage: torch.Tensor, k: int, self_slots=None, **
         dim, n_cand,
         q.stride(0), q.stride(1), storage.stride(0), storage.stride(1), cand_v.stride(0), vals.stride(0),
         idx.stride(0),
-        K=k, K_PAD=kp, BLOCK_C=block_c, BLOCK_D=row_block_d(dim, q.device), SINGLE=n_cand <= block_c,
+        K=k, K_PAD=kp, BLOCK_C=block_c, BLOCK_D=row_block_d(dim, q.device, k), SINGLE=n_cand <= block_c,
         num_warps=4,
     )
     return vals, idx

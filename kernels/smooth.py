@@ -212,7 +212,7 @@ def smooth_forward(q: torch.Tensor, storage: torch.Tensor, k: int, attn_temperat
         dim, n_cand, 1.0 / attn_temperature,
         q.stride(0), q.stride(1), storage.stride(0), storage.stride(1), stride_c, vals_in.stride(0),
         z_star.stride(0), w.stride(0), idx_out.stride(0), dots.stride(0), *(nb.stride()[:2] if save_rows else (0, 0)),
-        K=k, K_PAD=kp, BLOCK_C=block_c, BLOCK_D=row_block_d(dim, dev), MERGE=merge, SINGLE=n_cand <= block_c,
+        K=k, K_PAD=kp, BLOCK_C=block_c, BLOCK_D=row_block_d(dim, dev, k), MERGE=merge, SINGLE=n_cand <= block_c,
         USE_VALS=use_vals, MEAN=bool(mean), num_warps=4,
     )
     return z_star, w, idx_out, dots, nb
@@ -231,6 +231,6 @@ def smooth_backward(grad_z: torch.Tensor, q: torch.Tensor, nb: torch.Tensor, w: 
         grad_z, q, nb, w, grad_q,
         dim, 1.0 / attn_temperature,
         grad_z.stride(0), q.stride(0), q.stride(1), nb.stride(0), nb.stride(1), w.stride(0), grad_q.stride(0),
-        K=k, K_PAD=k_pad(k), BLOCK_D=row_block_d(dim, q.device), MEAN=bool(mean), num_warps=4,
+        K=k, K_PAD=k_pad(k), BLOCK_D=row_block_d(dim, q.device, k), MEAN=bool(mean), num_warps=4,
     )
     return grad_q

@@ -513,3 +513,33 @@ def test_configs_are_copies_and_follow_the_module_limits(monkeypatch):
     assert N.info_nce_config(512, 1024, meta)["ROW_SPLITS"] == 1
     monkeypatch.undo()
     assert K.knn_config(512, 65536, 768, 16, meta) == knn and N.info_nce_config(512, 1024, meta) == nce
+
+
+def test_knn_refuses_more_neighbours_than_candidates():
+    """The kernels' own entry points and the backend's ``knn_topk`` refuse k above the rows that can be neighbours
+    (M, or M - 1 with the own slots excluded): they used to fill the missing places with slot 0's candidate (M = 5,
+    own slots excluded, k = 5 gave [1, 2, 3, 4, 1]). At the limit every other slot comes back once."""
+    from iscse.kernels import iscse_loss as L
+    from iscse.kernels import knn_topk as K
+    from iscse.kernels import smooth as S
+
+    B, M, D = 3, 5, 13
+    q = torch.nn.functional.normalize(torch.randn(B, D), dim=1)
+    storage = torch.nn.functional.normalize(torch.randn(M, D), dim=1)
+    own = torch.tensor([0, 2, 4])
+    for call in (lambda k, s: K.knn_topk(q, storage, k, s), lambda k, s: K.knn_topk_candidates(q, storage, k, s),
+                 lambda k, s: triton_ops.TritonBackend().knn_topk(q, storage, k, s),
+                 lambda k, s: L.iscse_loss_forward(q, q, q, storage, s, k, 0.05, 2.0)):
+        with pytest.raises(ValueError, match=r"k=5 is larger than the 4 buffer rows .*own slot excluded"):
+            call(M, own)
+        with pytest.raises(ValueError, match=r"k=6 is larger than the 5 buffer rows"):
+            call(M + 1, None)
+        with pytest.raises(ValueError, match=r"k must be an int in \[1, 256\]"):
+            call(0, None)
+    _, idx = K.knn_topk(q, storage, M - 1, own)
+    for i in range(B):
+        assert sorted(idx[i].tolist()) == [s for s in range(M) if s != own[i]]
+    _, idx = K.knn_topk(q, storage, M, None)
+    assert all(sorted(row) == list(range(M)) for row in idx.tolist())
+    _, _, idx, _, _ = S.smooth_forward(q, storage, M - 1, 2.0, candidates=K.knn_topk_candidates(q, storage, M - 1, own))
+    assert all(sorted(row) == sorted(set(row)) and len(row) == M - 1 for row in idx.tolist())

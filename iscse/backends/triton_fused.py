@@ -64,7 +64,7 @@ __all__ = ["TritonBackend", "knn_topk", "smooth", "info_nce", "SmoothFunction", 
 INTERPRETED = not isinstance(_knn._knn_chunk_kernel, JITFunction)
 
 #: Largest supported k (the running top-k lives in registers, ``BLOCK_B x next_power_of_2(k)``).
-MAX_K = 256
+MAX_K = _knn.MAX_K
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -119,9 +119,11 @@ def _first_order(backward):
 def knn_topk(q: torch.Tensor, storage: torch.Tensor, k: int, self_slots: Optional[torch.Tensor] = None):
     """Top-``k`` slots of ``storage`` ``(M, D)`` by dot product with each row of ``q`` ``(B, D)``, the query's own
     slot (``self_slots``, int64 ``(B,)``) excluded. Returns fp32 ``vals`` (exact fp32 dot products) and int64
-    ``idx``, each ``(B, k)``, sorted by descending value. Not differentiable."""
+    ``idx``, each ``(B, k)``, sorted by descending value. Not differentiable. ``ValueError`` when ``k`` exceeds the
+    rows that can be neighbours (``M``, or ``M - 1`` with ``self_slots``), where the result would repeat a slot."""
     _check(q=q, storage=storage)
     _check_k(k)
+    _knn.check_k(k, storage.shape[0], self_slots is not None)
     if self_slots is not None:
         self_slots = self_slots.contiguous()
     with _on_device(q):
