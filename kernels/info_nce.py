@@ -129,6 +129,11 @@ def _dot_tiles(
     """One ``(BLOCK_M, BLOCK_N)`` tile of dot products ``x_rows . y_cols`` (and ``x_rows . z_cols``) streamed over
     ``D``, with the squared norms of the rows of ``x``, ``y`` and ``z`` it read; shared by both passes."""
     offs_d = tl.arange(0, BLOCK_D)
+    # Offsets into the inputs in int64: their strides are the caller's (a column of a (B, L, D) tensor has row
+    # stride L * D), so (B - 1) * stride may pass 2**31. The row part is a pointer per row, made once.
+    x_rows = X + rows.to(tl.int64)[:, None] * stride_xb
+    y_rows = Y + cols.to(tl.int64)[:, None] * stride_yb
+    z_rows = Z + cols.to(tl.int64)[:, None] * stride_zb
     dot1 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     dot2 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     ssx = tl.zeros([BLOCK_M], tl.float32)
@@ -137,15 +142,16 @@ def _dot_tiles(
     for d0 in range(0, D, BLOCK_D):
         d = d0 + offs_d
         d_mask = d < D
-        x = tl.load(X + rows[:, None] * stride_xb + d[None, :] * stride_xd,
+        d64 = d.to(tl.int64)
+        x = tl.load(x_rows + d64[None, :] * stride_xd,
                     mask=r_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
-        y = tl.load(Y + cols[:, None] * stride_yb + d[None, :] * stride_yd,
+        y = tl.load(y_rows + d64[None, :] * stride_yd,
                     mask=c_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
         dot1 = tl.dot(x, tl.trans(y), dot1, input_precision=PRECISION)
         ssx += tl.sum(x * x, axis=1)
         ssy += tl.sum(y * y, axis=1)
         if HAS_Z:
-            z = tl.load(Z + cols[:, None] * stride_zb + d[None, :] * stride_zd,
+            z = tl.load(z_rows + d64[None, :] * stride_zd,
                         mask=c_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
             dot2 = tl.dot(x, tl.trans(z), dot2, input_precision=PRECISION)
             ssz += tl.sum(z * z, axis=1)
@@ -218,6 +224,7 @@ def _info_nce_rows_kernel(
     pid_s = tl.program_id(1)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     r_mask = rows < B
+    rows64 = rows.to(tl.int64)  # offsets in int64 (see _dot_tiles)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     # This split's column tiles [T s / S, T (s + 1) / S): at least one each (the host keeps S <= T).
@@ -245,6 +252,7 @@ def _info_nce_rows_kernel(
         n0 = (t_lo + it) * BLOCK_N
         cols = n0 + offs_n
         c_mask = cols < B
+        cols64 = cols.to(tl.int64)
         dot1, dot2, ssx, ssy, ssz = _dot_tiles(
             X, Y, Z, rows, cols, r_mask, c_mask, D, stride_xb, stride_xd, stride_yb, stride_yd, stride_zb, stride_zd,
             BLOCK_M, BLOCK_N, BLOCK_D, HAS_Z, PRECISION)
@@ -270,15 +278,16 @@ def _info_nce_rows_kernel(
         for d0 in range(0, D, BLOCK_D):
             d = d0 + offs_d
             d_mask = d < D
-            g_ptr = rows[:, None] * stride_gb + d[None, :]
+            d64 = d.to(tl.int64)
+            g_ptr = rows64[:, None] * stride_gb + d[None, :]
             g_mask = r_mask[:, None] & d_mask[None, :]
-            y = tl.load(Y + cols[:, None] * stride_yb + d[None, :] * stride_yd,
+            y = tl.load(Y + cols64[:, None] * stride_yb + d64[None, :] * stride_yd,
                         mask=c_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
             u1 = tl.load(acc1 + g_ptr, mask=g_mask & (it > 0), other=0.0)
             u1 = tl.dot(pw1, y, u1 * alpha1[:, None], input_precision=PRECISION)
             tl.store(acc1 + g_ptr, u1, mask=g_mask)
             if HAS_Z:
-                z = tl.load(Z + cols[:, None] * stride_zb + d[None, :] * stride_zd,
+                z = tl.load(Z + cols64[:, None] * stride_zb + d64[None, :] * stride_zd,
                             mask=c_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
                 u2 = tl.load(acc2 + g_ptr, mask=g_mask & (it > 0), other=0.0)
                 u2 = tl.dot(pw2, z, u2 * alpha2[:, None], input_precision=PRECISION)
@@ -317,6 +326,7 @@ def _info_nce_cols_kernel(
     pid_s = tl.program_id(1)
     cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     c_mask = cols < B
+    cols64 = cols.to(tl.int64)  # offsets in int64 (see _dot_tiles)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     t_lo = pid_s * N_TILES // N_SPLIT
@@ -331,6 +341,7 @@ def _info_nce_cols_kernel(
     for it in range(0, m_here):
         rows = (t_lo + it) * BLOCK_M + offs_m
         r_mask = rows < B
+        rows64 = rows.to(tl.int64)
         big1, sum1, _ = _row_stats(PSTATS, rows, r_mask, N_RSPLIT, stride_ps, stride_pk, 0)
         lse1 = big1 + tl.log(sum1)
         if HAS_Z:
@@ -357,9 +368,10 @@ def _info_nce_cols_kernel(
         for d0 in range(0, D, BLOCK_D):
             d = d0 + offs_d
             d_mask = d < D
-            g_ptr = cols[:, None] * stride_gb + d[None, :]
+            d64 = d.to(tl.int64)
+            g_ptr = cols64[:, None] * stride_gb + d[None, :]
             g_mask = c_mask[:, None] & d_mask[None, :]
-            x = tl.load(X + rows[:, None] * stride_xb + d[None, :] * stride_xd,
+            x = tl.load(X + rows64[:, None] * stride_xb + d64[None, :] * stride_xd,
                         mask=r_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
             v1 = tl.load(acc1 + g_ptr, mask=g_mask & (it > 0), other=0.0)
             v1 = tl.dot(tl.trans(pw1), x, v1, input_precision=PRECISION)
@@ -457,7 +469,7 @@ def _info_nce_grads_kernel(
     ``OUT3, OUT4 = dL_s/dx, dL_s/dz2`` (``dL_s/dz`` without ``NB``), written in place over ``GX1, GY, GX2, GZ``:
     every load of a slice comes before a CTA barrier and every store after it, so no thread overwrites an element
     that another thread of the program has yet to read."""
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # offsets in int64 (see _dot_tiles)
     offs_d = tl.arange(0, BLOCK_D)
     rx = tl.load(PSTATS + 10 * stride_pk + row)  # the same in every split
     f_cl = 1.0
@@ -494,13 +506,14 @@ def _info_nce_grads_kernel(
         for d0 in range(0, D, BLOCK_D):
             d = d0 + offs_d
             d_mask = d < D
-            xh = tl.load(X + row * stride_xb + d * stride_xd, mask=d_mask, other=0.0).to(tl.float32) * rx
-            y = tl.load(Y + row * stride_yb + d * stride_yd, mask=d_mask, other=0.0).to(tl.float32)
-            zs = tl.load(Z + row * stride_zb + d * stride_zd, mask=d_mask, other=0.0).to(tl.float32)
+            d64 = d.to(tl.int64)
+            xh = tl.load(X + row * stride_xb + d64 * stride_xd, mask=d_mask, other=0.0).to(tl.float32) * rx
+            y = tl.load(Y + row * stride_yb + d64 * stride_yd, mask=d_mask, other=0.0).to(tl.float32)
+            zs = tl.load(Z + row * stride_zb + d64 * stride_zd, mask=d_mask, other=0.0).to(tl.float32)
             v2 = _merged_v(GZ, VP2, row * stride_gb + d, d_mask, N_CSPLIT, stride_vp)
             g = (f_s * scale * rz) * (v2 - xh - zs * (rz * e2))
-            q = tl.load(Q2 + row * stride_qb + d * stride_qd, mask=d_mask, other=0.0).to(tl.float32)
-            nb = tl.load(NB + nb_off + d[None, :] * stride_nbd, mask=k_mask[:, None] & d_mask[None, :],
+            q = tl.load(Q2 + row * stride_qb + d64 * stride_qd, mask=d_mask, other=0.0).to(tl.float32)
+            nb = tl.load(NB + nb_off + d64[None, :] * stride_nbd, mask=k_mask[:, None] & d_mask[None, :],
                          other=0.0).to(tl.float32)
             gw += tl.sum(nb * g[None, :], axis=1)
             gq_acc += g * q
@@ -520,23 +533,24 @@ def _info_nce_grads_kernel(
     for d0 in range(0, D, BLOCK_D):
         d = d0 + offs_d
         d_mask = d < D
+        d64 = d.to(tl.int64)
         off = row * stride_gb + d
-        xh = tl.load(X + row * stride_xb + d * stride_xd, mask=d_mask, other=0.0).to(tl.float32) * rx
-        y = tl.load(Y + row * stride_yb + d * stride_yd, mask=d_mask, other=0.0).to(tl.float32)
+        xh = tl.load(X + row * stride_xb + d64 * stride_xd, mask=d_mask, other=0.0).to(tl.float32) * rx
+        y = tl.load(Y + row * stride_yb + d64 * stride_yd, mask=d_mask, other=0.0).to(tl.float32)
         if WITH_CL:
             u1 = _merged_u(GX1, UP1, PSTATS, row, off, d_mask, big1, N_RSPLIT, stride_up, stride_ps, stride_pk, 0)
             v1 = _merged_v(GY, VP1, off, d_mask, N_CSPLIT, stride_vp)
             g1 = (scale * rx) * (u1 * inv_l1 - y * ry - xh * c1)
             h1 = (scale * ry) * (v1 - xh - y * (ry * e1))
         if WITH_S:
-            zs = tl.load(Z + row * stride_zb + d * stride_zd, mask=d_mask, other=0.0).to(tl.float32)
+            zs = tl.load(Z + row * stride_zb + d64 * stride_zd, mask=d_mask, other=0.0).to(tl.float32)
             u2 = _merged_u(GX2, UP2, PSTATS, row, off, d_mask, big2, N_RSPLIT, stride_up, stride_ps, stride_pk, 3)
             v2 = _merged_v(GZ, VP2, off, d_mask, N_CSPLIT, stride_vp)
             g2 = (scale * rx) * (u2 * inv_l2 - zs * rz - xh * c2)
             h2 = (f_s * scale * rz) * (v2 - xh - zs * (rz * e2))
             if NB is not None:
-                q = tl.load(Q2 + row * stride_qb + d * stride_qd, mask=d_mask, other=0.0).to(tl.float32)
-                nb = tl.load(NB + nb_off + d[None, :] * stride_nbd, mask=k_mask[:, None] & d_mask[None, :],
+                q = tl.load(Q2 + row * stride_qb + d64 * stride_qd, mask=d_mask, other=0.0).to(tl.float32)
+                nb = tl.load(NB + nb_off + d64[None, :] * stride_nbd, mask=k_mask[:, None] & d_mask[None, :],
                              other=0.0).to(tl.float32)
                 h2 = smooth_grad_q(h2, q, nb, w0, gl0, gl) * inv_r - y * proj
         if SUM:

@@ -74,7 +74,7 @@ def _iscse_loss_scale_kernel(
 ):
     """Per row, when the forward made the four gradients: ``grad z1 = g_cl GX1 + g_s GX2``,
     ``grad z2 = g_cl GY + g_s GZ2`` (a loss whose factor is None is left out)."""
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # row * stride in int64: B * D may pass 2**31
     offs_d = tl.arange(0, BLOCK_D)
     g_cl = 0.0
     if G_CL is not None:

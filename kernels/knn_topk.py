@@ -74,6 +74,9 @@ def _knn_chunk_kernel(
     pid_c = tl.program_id(1)
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     row_mask = rows < B
+    # Offsets into the inputs in int64 (rows, features and slots alike): their strides are the caller's, and a view
+    # (a column of a (B, L, D) tensor, a transposed buffer) can put (size - 1) * stride past 2**31.
+    q_rows = Q + rows.to(tl.int64)[:, None] * stride_qb
     if HAS_SELF:
         self_slot = tl.load(SELF + rows, mask=row_mask, other=-1)
     kcol = tl.arange(0, K_PAD)
@@ -86,15 +89,14 @@ def _knn_chunk_kernel(
     for n0 in range(start, end, BLOCK_N):
         cols = n0 + ncol
         col_mask = cols < end
-        # Slot offsets in int64: M * D can exceed 2**31 for large buffers.
         col_off = cols.to(tl.int64) * stride_mb
         acc = tl.zeros([BLOCK_B, BLOCK_N], tl.float32)
         for d0 in range(0, D, BLOCK_D):
             d = d0 + offs_d
             d_mask = d < D
-            q = tl.load(Q + rows[:, None] * stride_qb + d[None, :] * stride_qd,
-                        mask=row_mask[:, None] & d_mask[None, :], other=0.0)
-            m = tl.load(BUF + col_off[:, None] + d[None, :] * stride_md,
+            d64 = d.to(tl.int64)
+            q = tl.load(q_rows + d64[None, :] * stride_qd, mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+            m = tl.load(BUF + col_off[:, None] + d64[None, :] * stride_md,
                         mask=col_mask[:, None] & d_mask[None, :], other=0.0)
             q = q.to(m.dtype)  # the query in the buffer's dtype, as the torch backend searches
             if UPCAST:  # the interpreter's tl.dot misreads 16-bit operands; fp32 gives the same exact products
@@ -117,7 +119,7 @@ def _knn_chunk_kernel(
                 top_v = tl.where(take, best[:, None], top_v)
                 top_i = tl.where(take, (n0 + arg)[:, None], top_i)
                 cand = tl.where(ncol[None, :] == arg[:, None], float("-inf"), cand)
-    out = rows[:, None] * stride_cb + pid_c * stride_cc + kcol[None, :]
+    out = rows.to(tl.int64)[:, None] * stride_cb + pid_c * stride_cc + kcol[None, :]
     tl.store(CAND_V + out, top_v, mask=row_mask[:, None])
     tl.store(CAND_I + out, top_i, mask=row_mask[:, None])
 
@@ -134,7 +136,7 @@ def _knn_merge_kernel(
     K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE: tl.constexpr,
 ):
     """One program per query: merge its candidates, write sorted slots and their exact fp32 dot products."""
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # offsets in int64, as in the chunk kernel
     _, idx = merge_topk(CAND_V, CAND_I, row * stride_cb, N_CAND, K, K_PAD, BLOCK_C, SINGLE)
     kk = tl.arange(0, K_PAD)
     k_mask = kk < K
@@ -143,8 +145,9 @@ def _knn_merge_kernel(
     for d0 in range(0, D, BLOCK_D):
         d = d0 + offs_d
         d_mask = d < D
-        q = tl.load(Q + row * stride_qb + d * stride_qd, mask=d_mask, other=0.0).to(tl.float32)
-        nb = tl.load(BUF + idx[:, None] * stride_mb + d[None, :] * stride_md,
+        d64 = d.to(tl.int64)
+        q = tl.load(Q + row * stride_qb + d64 * stride_qd, mask=d_mask, other=0.0).to(tl.float32)
+        nb = tl.load(BUF + idx[:, None] * stride_mb + d64[None, :] * stride_md,
                      mask=k_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
         dots += tl.sum(nb * q[None, :], axis=1)
     tl.store(VALS + row * stride_vb + kk, dots, mask=k_mask)

@@ -59,7 +59,7 @@ def _smooth_fwd_kernel(
 ):
     """Per query row: (merge candidates,) gather the k rows, softmax weights, ``z*``; saves the rows to ``NB``
     unless it is None."""
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # offsets in int64: the caller's strides may be large (knn_topk.py)
     kk = tl.arange(0, K_PAD)
     k_mask = kk < K
     if MERGE:
@@ -73,10 +73,11 @@ def _smooth_fwd_kernel(
     for d0 in range(0, D, BLOCK_D):
         d = d0 + offs_d
         d_mask = d < D
-        q = tl.load(Q + row * stride_qb + d * stride_qd, mask=d_mask, other=0.0).to(tl.float32)
+        d64 = d.to(tl.int64)
+        q = tl.load(Q + row * stride_qb + d64 * stride_qd, mask=d_mask, other=0.0).to(tl.float32)
         qq_acc += q * q
         if not USE_VALS:
-            nb = tl.load(BUF + nb_off + d[None, :] * stride_md, mask=k_mask[:, None] & d_mask[None, :],
+            nb = tl.load(BUF + nb_off + d64[None, :] * stride_md, mask=k_mask[:, None] & d_mask[None, :],
                          other=0.0).to(tl.float32)
             dots += tl.sum(nb * q[None, :], axis=1)
     if USE_VALS:
@@ -99,9 +100,10 @@ def _smooth_fwd_kernel(
     for d0 in range(0, D, BLOCK_D):
         d = d0 + offs_d
         d_mask = d < D
-        q = tl.load(Q + row * stride_qb + d * stride_qd, mask=d_mask, other=0.0).to(tl.float32)
+        d64 = d.to(tl.int64)
+        q = tl.load(Q + row * stride_qb + d64 * stride_qd, mask=d_mask, other=0.0).to(tl.float32)
         nb_mask = k_mask[:, None] & d_mask[None, :]
-        nb = tl.load(BUF + nb_off + d[None, :] * stride_md, mask=nb_mask, other=0.0)
+        nb = tl.load(BUF + nb_off + d64[None, :] * stride_md, mask=nb_mask, other=0.0)
         if NB is not None:
             tl.store(NB + row * stride_nbb + kk[:, None] * stride_nbk + d[None, :], nb, mask=nb_mask)
         z = w0 * q + tl.sum(w[:, None] * nb.to(tl.float32), axis=0)
@@ -144,7 +146,7 @@ def _smooth_bwd_kernel(
     K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_D: tl.constexpr, MEAN: tl.constexpr,
 ):
     """Per row: ``grad q`` of the smooth op from ``grad z*``, the saved neighbour rows and the weights."""
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # offsets in int64 (see _smooth_fwd_kernel)
     offs_d = tl.arange(0, BLOCK_D)
     kk = tl.arange(0, K_PAD)
     k_mask = kk < K
@@ -157,7 +159,7 @@ def _smooth_bwd_kernel(
         d = d0 + offs_d
         d_mask = d < D
         g = tl.load(GZ + row * stride_gzb + d, mask=d_mask, other=0.0).to(tl.float32)
-        q = tl.load(Q + row * stride_qb + d * stride_qd, mask=d_mask, other=0.0).to(tl.float32)
+        q = tl.load(Q + row * stride_qb + d.to(tl.int64) * stride_qd, mask=d_mask, other=0.0).to(tl.float32)
         nb = tl.load(NB + nb_off + d[None, :], mask=k_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
         gw += tl.sum(nb * g[None, :], axis=1)
         gq_acc += g * q
@@ -166,7 +168,7 @@ def _smooth_bwd_kernel(
         d = d0 + offs_d
         d_mask = d < D
         g = tl.load(GZ + row * stride_gzb + d, mask=d_mask, other=0.0).to(tl.float32)
-        q = tl.load(Q + row * stride_qb + d * stride_qd, mask=d_mask, other=0.0).to(tl.float32)
+        q = tl.load(Q + row * stride_qb + d.to(tl.int64) * stride_qd, mask=d_mask, other=0.0).to(tl.float32)
         nb = tl.load(NB + nb_off + d[None, :], mask=k_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
         tl.store(OUT_Q + row * stride_oqb + d, smooth_grad_q(g, q, nb, w0, gl0, gl), mask=d_mask)
 

@@ -543,3 +543,50 @@ def test_knn_refuses_more_neighbours_than_candidates():
     assert all(sorted(row) == list(range(M)) for row in idx.tolist())
     _, _, idx, _, _ = S.smooth_forward(q, storage, M - 1, 2.0, candidates=K.knn_topk_candidates(q, storage, M - 1, own))
     assert all(sorted(row) == sorted(set(row)) and len(row) == M - 1 for row in idx.tolist())
+
+
+def _wide_view(rows, stride, transpose=False):
+    """``rows`` (``(n, d)``) copied into a view whose row stride (or, ``transpose``, feature stride) is ``stride``
+    elements, so that ``(n - 1) * stride`` (``(d - 1) * stride``) reaches ``2**31``. The storage is allocated and never
+    written but for the view's elements: the OS commits only the pages touched (a few MiB of the 4 GiB here)."""
+    n, d = rows.shape
+    try:
+        base = torch.empty(stride * ((d if transpose else n) - 1) + (n if transpose else d), dtype=rows.dtype)
+    except RuntimeError as exc:  # an OS that commits memory at allocation time
+        pytest.skip(f"cannot reserve the address space for a {stride}-element stride: {exc}")
+    view = base.as_strided((n, d), (1, stride) if transpose else (stride, 1))
+    view.copy_(rows)
+    return view
+
+
+def test_offsets_past_two_to_the_31():
+    """Strided inputs whose element offsets reach ``2**31`` (int32 offsets wrapped there, and the kernels read
+    another address: a crash under the interpreter): ``z = h[:, 0]``-like views with ``(B - 1) * stride = 2**31``
+    and a transposed buffer with ``(D - 1) * stride = 2**31`` give exactly the results of contiguous copies, in the
+    kNN, the smooth op, the dual InfoNCE and the fused step (forward and backward)."""
+    from iscse.kernels.info_nce import info_nce_forward
+    from iscse.kernels.knn_topk import knn_topk
+
+    stride = 2**30
+    B, D, M, k = 3, 3, 11, 4
+    dt = torch.bfloat16  # half the address space of fp32
+    z1, z2 = torch.randn(B, D).to(dt), torch.randn(B, D).to(dt)
+    rows = torch.nn.functional.normalize(torch.randn(M, D), dim=1).to(dt)
+    w1, w2, wbuf = _wide_view(z1, stride), _wide_view(z2, stride), _wide_view(rows, stride, transpose=True)
+    assert (B - 1) * w1.stride(0) >= 2**31 and (D - 1) * wbuf.stride(1) >= 2**31
+
+    for got, want in ((knn_topk(w1, wbuf, k), knn_topk(z1, rows, k)),
+                      (info_nce_forward(w1, w2, None, 0.05)[:4], info_nce_forward(z1, z2, None, 0.05)[:4])):
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+    vals, idx = knn_topk(z2, rows, k)
+    assert torch.equal(triton_ops.smooth(w2, wbuf, idx, vals), triton_ops.smooth(z2, rows, idx, vals))
+
+    results = []
+    for a, b, storage in ((w1, w2, wbuf), (z1, z2, rows)):
+        a, b = a.detach().requires_grad_(), b.detach().requires_grad_()
+        l_cl, l_s = triton_ops.TritonBackend().iscse_loss(
+            a, b, torch.nn.functional.normalize(b.float(), dim=1), storage, torch.arange(B), 0, k=k,
+            temperature=0.05, attn_temperature=2.0, smooth=True)
+        (l_cl + 0.5 * l_s).backward()
+        results.append((l_cl, l_s, a.grad, b.grad))
+    assert all(torch.equal(a, b) for a, b in zip(*results))
