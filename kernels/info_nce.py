@@ -82,7 +82,8 @@ column loop cost 16 bytes of stack: three values stored before the loop and relo
 access inside it (its SASS, checked; moving the reduction to a program of its own did not help under 3.9 and
 made 3.6 spill at the paper's shape).
 
-Supported: x, y fp32/bf16/fp16 and z fp32, any ``B >= 1`` and ``D >= 1`` (masks everywhere), arbitrary strides.
+Supported: x, y fp32/bf16/fp16 and z fp32, any ``B >= 1`` and ``D >= 1`` (masks everywhere), arbitrary strides
+(offsets into the inputs in int64: a view such as ``h[:, 0]`` of a large ``(B, L, D)`` tensor passes ``2**31``).
 Tested under the interpreter (Triton 3.9 and 3.6, tests/test_triton_interpret.py: splits > 1, split counts that do
 not divide the tiles, bit-identical reruns) and compiled for sm_90 with ptxas; the GPU tests
 (tests/test_triton_gpu.py) were not yet run on a GPU when this was written, so no timing of this design exists.

@@ -31,8 +31,10 @@ the buffer is rounded on the host there.
 
 Supported: queries fp32/bf16/fp16, buffer fp32/bf16/fp16 (float64 is rejected by the backend), ``1 <= k <= 256``
 (``K_PAD = next_power_of_2(k)``, at least 2; ``BLOCK_B`` shrinks for large k to keep the ``BLOCK_B x K_PAD`` tile
-small), any ``B``, ``D``, ``M`` (no divisibility requirements; slot indices are int32, so ``M < 2**31``),
-``self_slots`` int64 ``(B,)`` or None, arbitrary strides. Tested: under the interpreter on small odd shapes up to
+small), and at most the rows that can be neighbours (``M``, or ``M - 1`` with ``self_slots``: asked for more, the
+merge would return some slot twice, so :func:`check_k` refuses it), any ``B``, ``D``, ``M`` (no divisibility
+requirements; slot indices are int32, so ``M < 2**31``), ``self_slots`` int64 ``(B,)`` or None, arbitrary strides
+(offsets are computed in int64, so views whose element offsets pass ``2**31`` are read correctly). Tested: under the interpreter on small odd shapes up to
 k = 64 (Triton 3.9 and 3.6, tests/test_triton_interpret.py); every specialisation compiles for sm_90 with ptxas
 (Triton 3.6 and 3.9, ``bench/gpu_bench.py --compile-only``); tests/test_triton_gpu.py holds the GPU tests at real
 sizes, not yet run on a GPU when this was written. Ties between equal similarities are broken by position, not
@@ -195,8 +197,10 @@ def _knn_config(batch: int, size: int, dim: int, k: int, device_type: str, sms: 
         wide = size > 16384 and block_b == 64
         cfg = dict(BLOCK_B=block_b, BLOCK_N=128 if wide else 64, BLOCK_D=32 if dtype == torch.float32 else 64,
                    num_warps=8 if wide else 4, num_stages=3, chunk=None)
-    # The running top-k tile (BLOCK_B x K_PAD, values and slots) lives in registers: keep it at most 4096 entries.
-    while cfg["BLOCK_B"] * k_pad(k) > 4096 and cfg["BLOCK_B"] > 16:
+    # The running top-k tile (BLOCK_B x K_PAD, values and slots) lives in registers: keep it at most 2048 entries
+    # (with 4096, ptxas for sm_90 spilled 160-184 bytes at k = 64 with an fp32 buffer and 8-16 bytes at k = 128;
+    # bench/gpu_bench.py --compile-only).
+    while cfg["BLOCK_B"] * k_pad(k) > 2048 and cfg["BLOCK_B"] > 16:
         cfg["BLOCK_B"] //= 2
     cfg.update(overrides)
     if cfg["chunk"] is None:
