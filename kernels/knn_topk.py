@@ -192,7 +192,7 @@ def _knn_config(batch: int, size: int, dim: int, k: int, device_type: str, sms: 
         # buffer steps D by 32, not 64, because tf32x3 keeps each fp32 operand as two TF32 halves: with 64, Triton
         # 3.6 spilled at the paper's shape (64 x 1024 x 768, 8-24 bytes) and at 512 x 65536 x 1024 (216-240 bytes,
         # 8 warps); with 32 neither version spills there (192-252 registers). 16-bit buffers keep 64 (123-152
-        # registers at the benchmark shapes, no spills). Still spilling, off the benchmark shapes: fp32, k = 64.
+        # registers at the benchmark shapes, no spills). Off them, k >= 64 spills 8 bytes in some specialisations.
         block_b = 16 if batch <= 16 else 64
         wide = size > 16384 and block_b == 64
         cfg = dict(BLOCK_B=block_b, BLOCK_N=128 if wide else 64, BLOCK_D=32 if dtype == torch.float32 else 64,
