@@ -32,9 +32,10 @@ as ``timeout -s INT`` sends) stops it, writes the JSON and prints the table.
 
 Other modes (no GPU needed):
 
-- ``--compile-only``: compile every Triton kernel specialisation that the launchers would use at the benchmark
-  shapes (and a few odd ones, and the paper's shape at k = 128 and 256) for ``sm_<arch>`` with Triton's bundled
-  ptxas, and print registers / spills / shared memory per kernel. Exit status 1 if any fails to compile. Runs the launchers' own code on ``meta`` tensors.
+- ``--compile-only``: compile every Triton kernel specialisation that the launchers would use at the benchmark shapes
+  (and a few odd ones, and the paper's shape at k = 128 and 256) for ``sm_<arch>`` with Triton's bundled ptxas, and
+  print registers / spills / shared memory per kernel. Exit status 1 if any fails to compile. Runs the launchers' own
+  code on ``meta`` tensors.
 - ``--cpu-smoke`` (or ``--dry-run``): the whole driver, worker processes and time bounds included, on tiny shapes on
   CPU with ``TRITON_INTERPRET=1`` (wall-clock timing instead of do_bench, no profiler counts, no CUDA graph,
   ``torch.compile`` with its ``eager`` backend): checks the script end to end before a GPU run.

@@ -31,14 +31,14 @@ the buffer is rounded on the host there.
 
 Supported: queries fp32/bf16/fp16, buffer fp32/bf16/fp16 (float64 is rejected by the backend), ``1 <= k <= 256``
 (``K_PAD = next_power_of_2(k)``, at least 2; ``BLOCK_B`` shrinks for large k to keep the ``BLOCK_B x K_PAD`` tile
-small), and at most the rows that can be neighbours (``M``, or ``M - 1`` with ``self_slots``: asked for more, the
-merge would return some slot twice, so :func:`check_k` refuses it), any ``B``, ``D``, ``M`` (no divisibility
-requirements; slot indices are int32, so ``M < 2**31``), ``self_slots`` int64 ``(B,)`` or None, arbitrary strides
-(offsets are computed in int64, so views whose element offsets pass ``2**31`` are read correctly). Tested: under the interpreter on small odd shapes up to
-k = 64 (Triton 3.9 and 3.6, tests/test_triton_interpret.py); every specialisation compiles for sm_90 with ptxas
-(Triton 3.6 and 3.9, ``bench/gpu_bench.py --compile-only``); tests/test_triton_gpu.py holds the GPU tests at real
-sizes, not yet run on a GPU when this was written. Ties between equal similarities are broken by position, not
-necessarily as ``torch.topk`` breaks them. NaN inputs give unspecified neighbours.
+small), and at most the rows that can be neighbours (``M``, or ``M - 1`` with ``self_slots``: asked for more, the merge
+would return some slot twice, so :func:`check_k` refuses it), any ``B``, ``D``, ``M`` (no divisibility requirements;
+slot indices are int32, so ``M < 2**31``), ``self_slots`` int64 ``(B,)`` or None, arbitrary strides (offsets are
+computed in int64, so views whose element offsets pass ``2**31`` are read correctly). Tested: under the interpreter on
+small odd shapes up to k = 64 (Triton 3.9 and 3.6, tests/test_triton_interpret.py); every specialisation compiles for
+sm_90 with ptxas (Triton 3.6 and 3.9, ``bench/gpu_bench.py --compile-only``); tests/test_triton_gpu.py holds the GPU
+tests at real sizes, not yet run on a GPU when this was written. Ties between equal similarities are broken by position,
+not necessarily as ``torch.topk`` breaks them. NaN inputs give unspecified neighbours.
 """
 from __future__ import annotations
 
@@ -268,9 +268,9 @@ def knn_topk(q: torch.Tensor, storage: torch.Tensor, k: int, self_slots=None, **
 
     ``q`` ``(B, D)``, ``storage`` ``(M, D)`` (fp32/bf16/fp16, one device), ``self_slots`` int64 ``(B,)`` slots to
     exclude or None, ``1 <= k <= 256`` and at most the rows that can be neighbours (``M``, or ``M - 1`` with
-    ``self_slots``; :func:`check_k` raises ``ValueError`` otherwise). Returns ``(vals, idx)``: fp32 exact dot products (``q`` and the rows upcast to
-    fp32) and int64 slots, each ``(B, k)``, sorted by descending similarity. Nothing is differentiable.
-    ``overrides``: tile sizes of the chunk kernel (:func:`knn_config`) and ``BLOCK_C`` of the merge.
+    ``self_slots``; :func:`check_k` raises ``ValueError`` otherwise). Returns ``(vals, idx)``: fp32 exact dot products
+    (``q`` and the rows upcast to fp32) and int64 slots, each ``(B, k)``, sorted by descending similarity. Nothing is
+    differentiable. ``overrides``: tile sizes of the chunk kernel (:func:`knn_config`) and ``BLOCK_C`` of the merge.
     """
     batch, dim = q.shape
     block_c = overrides.pop("BLOCK_C", None)

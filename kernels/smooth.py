@@ -25,12 +25,12 @@ Mean aggregation (the paper's ablation, ``MEAN=True`` in both kernels): ``w = 1 
 ``[q_i; N_i]``, so ``z*_i`` is the group's mean and ``grad_q = g / (k + 1)`` (the weights do not depend on ``q``:
 ``glogit = 0``); the logits' dot products are still computed and written.
 
-Supported: ``q`` fp32/bf16/fp16, buffer fp32/bf16/fp16, ``1 <= k <= 256``, any ``B``, ``D``, arbitrary strides
-for ``q`` and the buffer (int64 offsets; ``grad z*`` is made row-contiguous). The feature step narrows as k grows
-(:func:`~iscse.kernels._common.row_block_d`), so the ``K_PAD x BLOCK_D`` neighbour tile stays in registers. All arithmetic is fp32 (no ``tl.dot``: each row is
-a ``K_PAD x BLOCK_D`` tile). Tested under the interpreter up to k = 64 (Triton 3.9 and 3.6,
-tests/test_triton_interpret.py) and compiled for sm_90 with ptxas; the GPU tests (tests/test_triton_gpu.py) were
-not yet run on a GPU when this was written.
+Supported: ``q`` fp32/bf16/fp16, buffer fp32/bf16/fp16, ``1 <= k <= 256``, any ``B``, ``D``, arbitrary strides for ``q``
+and the buffer (int64 offsets; ``grad z*`` is made row-contiguous). The feature step narrows as k grows
+(:func:`~iscse.kernels._common.row_block_d`), so the ``K_PAD x BLOCK_D`` neighbour tile stays in registers. All
+arithmetic is fp32 (no ``tl.dot``: each row is a ``K_PAD x BLOCK_D`` tile). Tested under the interpreter up to k = 64
+(Triton 3.9 and 3.6, tests/test_triton_interpret.py) and compiled for sm_90 with ptxas; the GPU tests
+(tests/test_triton_gpu.py) were not yet run on a GPU when this was written.
 """
 from __future__ import annotations
 

@@ -23,19 +23,19 @@ buffer, and the backward launch only scales and adds (six). No host synchronisat
 branch on device values: ``grad_output`` is read by the kernels from device memory), so a step can be captured in
 a CUDA graph.
 
-Contract at the boundary: CUDA tensors (or CPU tensors when Triton runs in its interpreter, ``TRITON_INTERPRET=1``
-set before ``triton`` is first imported: that is how CI tests the kernels); embeddings fp32/bf16/fp16 and buffers
-fp32/bf16/fp16 (float64 raises ``TypeError``: use ``backend="torch"``); ``1 <= k <= 256``, and for the kNN at most
-the rows that can be neighbours (``ValueError`` otherwise). Every launch happens with the inputs' CUDA device
-current (Triton launches on the current device and stream). Inputs are read through their strides (int64 offsets); nothing is copied except a non-contiguous ``idx`` or ``grad z*`` (and, in the interpreter only, a
-query of another dtype than the buffer). Losses are fp32 scalars, ``z*`` fp32, gradients in
-the inputs' dtypes. The forward keeps the gathered neighbour rows (``B x k x D``, buffer dtype) for backward, as
-the torch backend does, or, where they are large, makes in forward everything that reads them; either way the
-buffer may be pushed to again before the backward. ``aggregation="mean"`` (the
-paper's ablation) is a ``MEAN`` constexpr of the smooth kernels (uniform weights ``1 / (k + 1)``); ``grouping="pddp"``
-has no Triton version (:func:`iscse.iscse_loss` routes it to :mod:`iscse.pddp`). First-order gradients only: a
-backward with ``create_graph=True`` (double backward) raises ``RuntimeError`` instead of returning gradients without
-a graph; use ``backend="torch"`` there.
+Contract at the boundary: CUDA tensors (or CPU tensors when Triton runs in its interpreter, ``TRITON_INTERPRET=1`` set
+before ``triton`` is first imported: that is how CI tests the kernels); embeddings fp32/bf16/fp16 and buffers
+fp32/bf16/fp16 (float64 raises ``TypeError``: use ``backend="torch"``); ``1 <= k <= 256``, and for the kNN at most the
+rows that can be neighbours (``ValueError`` otherwise). Every launch happens with the inputs' CUDA device current
+(Triton launches on the current device and stream). Inputs are read through their strides (int64 offsets); nothing is
+copied except a non-contiguous ``idx`` or ``grad z*`` (and, in the interpreter only, a query of another dtype than the
+buffer). Losses are fp32 scalars, ``z*`` fp32, gradients in the inputs' dtypes. The forward keeps the gathered neighbour
+rows (``B x k x D``, buffer dtype) for backward, as the torch backend does, or, where they are large, makes in forward
+everything that reads them; either way the buffer may be pushed to again before the backward. ``aggregation="mean"``
+(the paper's ablation) is a ``MEAN`` constexpr of the smooth kernels (uniform weights ``1 / (k + 1)``);
+``grouping="pddp"`` has no Triton version (:func:`iscse.iscse_loss` routes it to :mod:`iscse.pddp`). First-order
+gradients only: a backward with ``create_graph=True`` (double backward) raises ``RuntimeError`` instead of returning
+gradients without a graph; use ``backend="torch"`` there.
 """
 from __future__ import annotations
 
