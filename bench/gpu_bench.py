@@ -32,9 +32,10 @@ as ``timeout -s INT`` sends) stops it, writes the JSON and prints the table.
 
 Other modes (no GPU needed):
 
-- ``--compile-only``: compile every Triton kernel specialisation that the launchers would use at the benchmark
-  shapes (and a few odd ones) for ``sm_<arch>`` with Triton's bundled ptxas, and print registers / spills / shared
-  memory per kernel. Exit status 1 if any fails to compile. Runs the launchers' own code on ``meta`` tensors.
+- ``--compile-only``: compile every Triton kernel specialisation that the launchers would use at the benchmark shapes
+  (and a few odd ones, and the paper's shape at k = 128 and 256) for ``sm_<arch>`` with Triton's bundled ptxas, and
+  print registers / spills / shared memory per kernel. Exit status 1 if any fails to compile. Runs the launchers' own
+  code on ``meta`` tensors.
 - ``--cpu-smoke`` (or ``--dry-run``): the whole driver, worker processes and time bounds included, on tiny shapes on
   CPU with ``TRITON_INTERPRET=1`` (wall-clock timing instead of do_bench, no profiler counts, no CUDA graph,
   ``torch.compile`` with its ``eager`` backend): checks the script end to end before a GPU run.
@@ -220,7 +221,10 @@ def compile_only(arch: int = 90, quick: bool = False) -> int:
         print("compile-only needs the compiled (not interpreted) kernels: unset TRITON_INTERPRET")
         return 1
     odd = [(5, 37, 13, 7), (33, 97, 13, 64), (1, 9, 13, 1)]
-    shapes = [(B, M, D, k, dt) for (B, M, D, k) in (SHAPES[:1] + odd[:1] if quick else SHAPES + odd)
+    # Large k at a real width: the per-row kernels' K_PAD x BLOCK_D neighbour tiles and the kNN's running top-k
+    # are largest there (row_block_d and knn_config shrink their blocks as k grows).
+    large_k = [(64, 1024, 768, 128), (64, 1024, 768, 256)]
+    shapes = [(B, M, D, k, dt) for (B, M, D, k) in (SHAPES[:1] + odd[:1] if quick else SHAPES + odd + large_k)
               for dt in (torch.float32, torch.bfloat16)]
     if not quick:
         shapes.append((64, 1024, 768, 16, torch.float16))
@@ -289,13 +293,7 @@ def memory_plan(B: int, M: int, D: int, k: int, dtype, *, hold=None, sms: int = 
     import iscse
     from iscse.backends import triton_fused as T
     from iscse.kernels import _common as C
-    from iscse.kernels import info_nce as N
     from iscse.kernels import iscse_loss as L
-    from iscse.kernels import knn_topk as K
-
-    def clear_config_caches():  # cached per device, and meta stands for any card here
-        K._knn_config_cached.cache_clear()
-        N._info_nce_config_cached.cache_clear()
 
     class Count(TorchDispatchMode):
         """Bytes of the storages created inside the mode that are still alive; outputs that alias an input (views,
@@ -326,8 +324,7 @@ def memory_plan(B: int, M: int, D: int, k: int, dtype, *, hold=None, sms: int = 
     kernels = _patch_kernels(record=False)
     saved = (T._check, L.HOLD_MAX_BYTES, C.ASSUMED_SMS)
     T._check = lambda **tensors: None  # the launchers run on meta tensors: no device check
-    C.ASSUMED_SMS = sms
-    clear_config_caches()
+    C.ASSUMED_SMS = sms  # the launchers' config caches are keyed on the SM count, so no stale entry is used
     if hold is not None:
         L.HOLD_MAX_BYTES = 2**62 if hold else -1
     try:
@@ -341,7 +338,6 @@ def memory_plan(B: int, M: int, D: int, k: int, dtype, *, hold=None, sms: int = 
         held = L.hold_for_backward(B, k, D, meta, buffer_dtype=dtype, dtype=dtype)
     finally:
         T._check, L.HOLD_MAX_BYTES, C.ASSUMED_SMS = saved
-        clear_config_caches()
         _unpatch_kernels(kernels)
     return dict(shape=[B, M, D, k], dtype=str(dtype).replace("torch.", ""), peak_bytes=count.peak,
                 held=held if hold is None else hold,

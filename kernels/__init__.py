@@ -20,7 +20,9 @@ Modules:
 - :mod:`~iscse.kernels._common`: shared helpers only (``k_pad``, ``fp32_dot_precision``, ``merge_block``,
   ``row_block_d``, ``num_sms``; the device function ``merge_topk``).
 
-They run compiled on CUDA tensors, or in Triton's interpreter on CPU tensors when
-``TRITON_INTERPRET=1`` was set before ``triton`` was first imported (Triton decides at import time).
+The launchers launch on the current CUDA device and stream, as Triton does: a caller with tensors on another device
+makes theirs current first (:mod:`iscse.backends.triton_fused` does, for every op). They run compiled on CUDA
+tensors, or in Triton's interpreter on CPU tensors when ``TRITON_INTERPRET=1`` was set before ``triton`` was first
+imported (Triton decides at import time).
 ``python bench/gpu_bench.py --compile-only`` builds every specialisation for sm_90 without a GPU.
 """

@@ -33,10 +33,21 @@ def merge_block(n_cand: int, device: torch.device) -> int:
     return max(16, min(1024 if device.type != "cpu" else 4096, triton.next_power_of_2(n_cand)))
 
 
-def row_block_d(dim: int, device: torch.device) -> int:
+#: Most elements of the ``K_PAD x BLOCK_D`` neighbour tile of the one-program-per-row kernels on CUDA (32 fp32
+#: registers per thread at 4 warps): at k = 128 and 256 a 64-wide step made the gradients kernel spill 216-256 and
+#: 1,040-1,056 bytes per thread under its 128-register cap, and the smooth forward spill at k = 256
+#: (``bench/gpu_bench.py --compile-only``).
+ROW_TILE = 4096
+
+
+def row_block_d(dim: int, device: torch.device, k: int = 1) -> int:
     """Feature step ``BLOCK_D`` of the kernels that run one program per row (kNN merge, smooth, fused-loss
-    backward): a power of two in ``[16, 64]`` on CUDA, up to 128 on CPU tensors (fewer interpreter iterations)."""
-    return max(16, min(128 if device.type == "cpu" else 64, triton.next_power_of_2(dim)))
+    backward), whose neighbour rows are a ``k_pad(k) x BLOCK_D`` tile: a power of two in ``[16, 64]`` on CUDA,
+    narrower as ``k`` grows (at most :data:`ROW_TILE` elements: 64 up to k = 64, 32 at k = 128, 16 at k = 256),
+    up to 128 on CPU tensors (fewer interpreter iterations)."""
+    if device.type == "cpu":
+        return max(16, min(128, triton.next_power_of_2(dim)))
+    return max(16, min(64, ROW_TILE // k_pad(k), triton.next_power_of_2(dim)))
 
 
 #: SM count assumed for a non-CUDA device (``meta`` tensors in the compile and memory checks): an H100 SXM's.

@@ -76,13 +76,14 @@ are built with ``maxnreg=168`` (three 4-warp programs per SM) and the gradients 
 (Triton 3.6 held it at 64 and spilled), tiles are at most 32 wide, and the feature step and pipelining depth are
 chosen per input dtype from a sweep (step 16 / 32, 1-3 stages, no cap / 168) as the deepest pipelining with no
 spill at the benchmark shapes under both versions: fp32 inputs step 16 with three stages, 16-bit inputs step 32
-with one. At the benchmark shapes no specialisation spills under Triton 3.6, nor under 3.9 but one: the column
-pass with 16-bit inputs and 32-row tiles (B >= 512, both losses), where adding the losses' reduction after the
-column loop cost 16 bytes of stack: three values stored before the loop and reloaded after it, no local memory
-access inside it (its SASS, checked; moving the reduction to a program of its own did not help under 3.9 and
-made 3.6 spill at the paper's shape).
+with one. At the benchmark shapes no specialisation spills under Triton 3.9 (checked 2 Dec 2026, with the row
+statistics merged by one helper, :func:`_row_stats`, which starts from split 0: that removed the 16 bytes the column
+pass with 16-bit inputs and 32-row tiles used to spill, and int64 input offsets, which cost 0-15 registers per
+specialisation and no spill there). Off them, the row pass with 16-bit inputs and both losses spills 80 bytes at
+(B, D) = (33, 13), as before, and with fp32 inputs 8.
 
-Supported: x, y fp32/bf16/fp16 and z fp32, any ``B >= 1`` and ``D >= 1`` (masks everywhere), arbitrary strides.
+Supported: x, y fp32/bf16/fp16 and z fp32, any ``B >= 1`` and ``D >= 1`` (masks everywhere), arbitrary strides
+(offsets into the inputs in int64: a view such as ``h[:, 0]`` of a large ``(B, L, D)`` tensor passes ``2**31``).
 Tested under the interpreter (Triton 3.9 and 3.6, tests/test_triton_interpret.py: splits > 1, split counts that do
 not divide the tiles, bit-identical reruns) and compiled for sm_90 with ptxas; the GPU tests
 (tests/test_triton_gpu.py) were not yet run on a GPU when this was written, so no timing of this design exists.
@@ -129,6 +130,11 @@ def _dot_tiles(
     """One ``(BLOCK_M, BLOCK_N)`` tile of dot products ``x_rows . y_cols`` (and ``x_rows . z_cols``) streamed over
     ``D``, with the squared norms of the rows of ``x``, ``y`` and ``z`` it read; shared by both passes."""
     offs_d = tl.arange(0, BLOCK_D)
+    # Offsets into the inputs in int64: their strides are the caller's (a column of a (B, L, D) tensor has row
+    # stride L * D), so (B - 1) * stride may pass 2**31. The row part is a pointer per row, made once.
+    x_rows = X + rows.to(tl.int64)[:, None] * stride_xb
+    y_rows = Y + cols.to(tl.int64)[:, None] * stride_yb
+    z_rows = Z + cols.to(tl.int64)[:, None] * stride_zb
     dot1 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     dot2 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     ssx = tl.zeros([BLOCK_M], tl.float32)
@@ -137,15 +143,16 @@ def _dot_tiles(
     for d0 in range(0, D, BLOCK_D):
         d = d0 + offs_d
         d_mask = d < D
-        x = tl.load(X + rows[:, None] * stride_xb + d[None, :] * stride_xd,
+        d64 = d.to(tl.int64)
+        x = tl.load(x_rows + d64[None, :] * stride_xd,
                     mask=r_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
-        y = tl.load(Y + cols[:, None] * stride_yb + d[None, :] * stride_yd,
+        y = tl.load(y_rows + d64[None, :] * stride_yd,
                     mask=c_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
         dot1 = tl.dot(x, tl.trans(y), dot1, input_precision=PRECISION)
         ssx += tl.sum(x * x, axis=1)
         ssy += tl.sum(y * y, axis=1)
         if HAS_Z:
-            z = tl.load(Z + cols[:, None] * stride_zb + d[None, :] * stride_zd,
+            z = tl.load(z_rows + d64[None, :] * stride_zd,
                         mask=c_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
             dot2 = tl.dot(x, tl.trans(z), dot2, input_precision=PRECISION)
             ssz += tl.sum(z * z, axis=1)
@@ -155,31 +162,48 @@ def _dot_tiles(
 @triton.jit
 def _row_stats(
     PSTATS, rows, r_mask, N_SPLIT, stride_ps, stride_pk,
-    K_M: tl.constexpr, BLOCK: tl.constexpr,
+    K_M: tl.constexpr,
 ):
     """Merge the row pass's per-split online-softmax statistics ``(m, l, s)`` (at rows ``K_M``, ``K_M + 1``,
-    ``K_M + 2``) of the given rows, splits in order: returns ``(M, l, s)`` with ``M = max_s m_s``,
-    ``l = sum_s l_s exp(m_s - M)``, ``s = sum_s s_s exp(m_s - M)``. Masked rows give ``(0, N_SPLIT, 0)``."""
-    big = tl.full([BLOCK], float("-inf"), tl.float32)
-    for sp in range(0, N_SPLIT):
-        m = tl.load(PSTATS + sp * stride_ps + K_M * stride_pk + rows, mask=r_mask, other=0.0)
-        big = tl.maximum(big, m)
-    tot = tl.zeros([BLOCK], tl.float32)
-    wsum = tl.zeros([BLOCK], tl.float32)
-    for sp in range(0, N_SPLIT):
+    ``K_M + 2`` of ``PSTATS``) of ``rows`` (a block of rows, or one row with a scalar mask), splits in order:
+    ``(M, l, s)`` with ``M = max_s m_s``, ``l = sum_s l_s exp(m_s - M)``, ``s = sum_s s_s exp(m_s - M)``. Masked
+    rows give ``(0, N_SPLIT, 0)``. The one place the splits' statistics are merged (column pass, losses, gradients
+    kernel); split 0 starts the running values (one load fewer than starting from -inf)."""
+    m0 = tl.load(PSTATS + K_M * stride_pk + rows, mask=r_mask, other=0.0)
+    big = m0
+    for sp in range(1, N_SPLIT):
+        big = tl.maximum(big, tl.load(PSTATS + sp * stride_ps + K_M * stride_pk + rows, mask=r_mask, other=0.0))
+    e0 = tl.exp(m0 - big)
+    tot = tl.load(PSTATS + (K_M + 1) * stride_pk + rows, mask=r_mask, other=1.0) * e0
+    wsum = tl.load(PSTATS + (K_M + 2) * stride_pk + rows, mask=r_mask, other=0.0) * e0
+    for sp in range(1, N_SPLIT):
         base = PSTATS + sp * stride_ps + rows
-        m = tl.load(base + K_M * stride_pk, mask=r_mask, other=0.0)
-        e = tl.exp(m - big)
+        e = tl.exp(tl.load(base + K_M * stride_pk, mask=r_mask, other=0.0) - big)
         tot += tl.load(base + (K_M + 1) * stride_pk, mask=r_mask, other=1.0) * e
         wsum += tl.load(base + (K_M + 2) * stride_pk, mask=r_mask, other=0.0) * e
     return big, tot, wsum
 
 
 @triton.jit
-def _split_sum(STATS, idx, mask, N_SPLIT, stride_s, stride_k, K: tl.constexpr, BLOCK: tl.constexpr):
-    """``sum_s STATS[s, K, idx]`` over the splits, in order (fixed order: deterministic)."""
-    acc = tl.zeros([BLOCK], tl.float32)
-    for sp in range(0, N_SPLIT):
+def _online_softmax(m, l, s, cos, c_mask, inv_tau):
+    """One column tile of the row pass's online log-sum-exp (Milakov & Gimelshein 2018) over ``cos / tau`` per
+    row, with the ``P``-weighted sum of ``cos`` beside the sum: from the running ``(m, l, s)`` (``(BLOCK_M,)``) and
+    the tile ``cos`` (``(BLOCK_M, BLOCK_N)``, columns outside ``c_mask`` left out), returns the new ``(m, l, s)``,
+    the factor ``alpha = exp(m_old - m_new)`` that rescales everything accumulated so far (``u`` too) and the
+    tile's ``P`` up to that row factor, ``exp(cos / tau - m_new)``."""
+    logit = tl.where(c_mask[None, :], cos * inv_tau, float("-inf"))
+    new = tl.maximum(m, tl.max(logit, axis=1))
+    alpha = tl.exp(m - new)
+    p = tl.exp(logit - new[:, None])
+    return new, l * alpha + tl.sum(p, axis=1), s * alpha + tl.sum(p * cos, axis=1), alpha, p
+
+
+@triton.jit
+def _split_sum(STATS, idx, mask, N_SPLIT, stride_s, stride_k, K: tl.constexpr):
+    """``sum_s STATS[s, K, idx]`` over the splits, in order (fixed order: deterministic); ``idx`` a block of
+    rows or one row (with a scalar mask)."""
+    acc = tl.load(STATS + K * stride_k + idx, mask=mask, other=0.0)
+    for sp in range(1, N_SPLIT):
         acc += tl.load(STATS + sp * stride_s + K * stride_k + idx, mask=mask, other=0.0)
     return acc
 
@@ -201,6 +225,7 @@ def _info_nce_rows_kernel(
     pid_s = tl.program_id(1)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     r_mask = rows < B
+    rows64 = rows.to(tl.int64)  # offsets in int64 (see _dot_tiles)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     # This split's column tiles [T s / S, T (s + 1) / S): at least one each (the host keeps S <= T).
@@ -228,6 +253,7 @@ def _info_nce_rows_kernel(
         n0 = (t_lo + it) * BLOCK_N
         cols = n0 + offs_n
         c_mask = cols < B
+        cols64 = cols.to(tl.int64)
         dot1, dot2, ssx, ssy, ssz = _dot_tiles(
             X, Y, Z, rows, cols, r_mask, c_mask, D, stride_xb, stride_xd, stride_yb, stride_yd, stride_zb, stride_zd,
             BLOCK_M, BLOCK_N, BLOCK_D, HAS_Z, PRECISION)
@@ -237,26 +263,14 @@ def _info_nce_rows_kernel(
         cos1 = dot1 * rx[:, None] * ry[None, :]
         diag1 += tl.sum(tl.where(eye, cos1, 0.0), axis=1)
         ry_own += tl.sum(tl.where(eye, ry[None, :], 0.0), axis=1)
-        logit1 = tl.where(c_mask[None, :], cos1 * inv_tau, float("-inf"))
-        new1 = tl.maximum(m1, tl.max(logit1, axis=1))
-        alpha1 = tl.exp(m1 - new1)
-        p1 = tl.exp(logit1 - new1[:, None])
-        l1 = l1 * alpha1 + tl.sum(p1, axis=1)
-        s1 = s1 * alpha1 + tl.sum(p1 * cos1, axis=1)
-        m1 = new1
+        m1, l1, s1, alpha1, p1 = _online_softmax(m1, l1, s1, cos1, c_mask, inv_tau)
         pw1 = p1 * ry[None, :]
         if HAS_Z:
             rz = 1.0 / tl.maximum(tl.sqrt(ssz), eps)
             cos2 = dot2 * rx[:, None] * rz[None, :]
             diag2 += tl.sum(tl.where(eye, cos2, 0.0), axis=1)
             rz_own += tl.sum(tl.where(eye, rz[None, :], 0.0), axis=1)
-            logit2 = tl.where(c_mask[None, :], cos2 * inv_tau, float("-inf"))
-            new2 = tl.maximum(m2, tl.max(logit2, axis=1))
-            alpha2 = tl.exp(m2 - new2)
-            p2 = tl.exp(logit2 - new2[:, None])
-            l2 = l2 * alpha2 + tl.sum(p2, axis=1)
-            s2 = s2 * alpha2 + tl.sum(p2 * cos2, axis=1)
-            m2 = new2
+            m2, l2, s2, alpha2, p2 = _online_softmax(m2, l2, s2, cos2, c_mask, inv_tau)
             pw2 = p2 * rz[None, :]
         # u <- alpha u + P_tile @ y^_tile in this split's accumulator (rows only this program owns). Threads of this
         # program read elements that other threads of it stored in the previous tile (load and store layouts
@@ -265,15 +279,16 @@ def _info_nce_rows_kernel(
         for d0 in range(0, D, BLOCK_D):
             d = d0 + offs_d
             d_mask = d < D
-            g_ptr = rows[:, None] * stride_gb + d[None, :]
+            d64 = d.to(tl.int64)
+            g_ptr = rows64[:, None] * stride_gb + d[None, :]
             g_mask = r_mask[:, None] & d_mask[None, :]
-            y = tl.load(Y + cols[:, None] * stride_yb + d[None, :] * stride_yd,
+            y = tl.load(Y + cols64[:, None] * stride_yb + d64[None, :] * stride_yd,
                         mask=c_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
             u1 = tl.load(acc1 + g_ptr, mask=g_mask & (it > 0), other=0.0)
             u1 = tl.dot(pw1, y, u1 * alpha1[:, None], input_precision=PRECISION)
             tl.store(acc1 + g_ptr, u1, mask=g_mask)
             if HAS_Z:
-                z = tl.load(Z + cols[:, None] * stride_zb + d[None, :] * stride_zd,
+                z = tl.load(Z + cols64[:, None] * stride_zb + d64[None, :] * stride_zd,
                             mask=c_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
                 u2 = tl.load(acc2 + g_ptr, mask=g_mask & (it > 0), other=0.0)
                 u2 = tl.dot(pw2, z, u2 * alpha2[:, None], input_precision=PRECISION)
@@ -312,6 +327,7 @@ def _info_nce_cols_kernel(
     pid_s = tl.program_id(1)
     cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     c_mask = cols < B
+    cols64 = cols.to(tl.int64)  # offsets in int64 (see _dot_tiles)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     t_lo = pid_s * N_TILES // N_SPLIT
@@ -326,10 +342,11 @@ def _info_nce_cols_kernel(
     for it in range(0, m_here):
         rows = (t_lo + it) * BLOCK_M + offs_m
         r_mask = rows < B
-        big1, sum1, _ = _row_stats(PSTATS, rows, r_mask, N_RSPLIT, stride_ps, stride_pk, 0, BLOCK_M)
+        rows64 = rows.to(tl.int64)
+        big1, sum1, _ = _row_stats(PSTATS, rows, r_mask, N_RSPLIT, stride_ps, stride_pk, 0)
         lse1 = big1 + tl.log(sum1)
         if HAS_Z:
-            big2, sum2, _ = _row_stats(PSTATS, rows, r_mask, N_RSPLIT, stride_ps, stride_pk, 3, BLOCK_M)
+            big2, sum2, _ = _row_stats(PSTATS, rows, r_mask, N_RSPLIT, stride_ps, stride_pk, 3)
             lse2 = big2 + tl.log(sum2)
         dot1, dot2, ssx, ssy, ssz = _dot_tiles(
             X, Y, Z, rows, cols, r_mask, c_mask, D, stride_xb, stride_xd, stride_yb, stride_yd, stride_zb, stride_zd,
@@ -352,9 +369,10 @@ def _info_nce_cols_kernel(
         for d0 in range(0, D, BLOCK_D):
             d = d0 + offs_d
             d_mask = d < D
-            g_ptr = cols[:, None] * stride_gb + d[None, :]
+            d64 = d.to(tl.int64)
+            g_ptr = cols64[:, None] * stride_gb + d[None, :]
             g_mask = c_mask[:, None] & d_mask[None, :]
-            x = tl.load(X + rows[:, None] * stride_xb + d[None, :] * stride_xd,
+            x = tl.load(X + rows64[:, None] * stride_xb + d64[None, :] * stride_xd,
                         mask=r_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
             v1 = tl.load(acc1 + g_ptr, mask=g_mask & (it > 0), other=0.0)
             v1 = tl.dot(tl.trans(pw1), x, v1, input_precision=PRECISION)
@@ -375,24 +393,15 @@ def _info_nce_cols_kernel(
         for r0 in range(0, B, BLOCK_R):
             r = r0 + offs_r
             rm = r < B
-            bg, sm, _ = _row_stats(PSTATS, r, rm, N_RSPLIT, stride_ps, stride_pk, 0, BLOCK_R)
-            dg = _split_sum(PSTATS, r, rm, N_RSPLIT, stride_ps, stride_pk, 6, BLOCK_R)
+            bg, sm, _ = _row_stats(PSTATS, r, rm, N_RSPLIT, stride_ps, stride_pk, 0)
+            dg = _split_sum(PSTATS, r, rm, N_RSPLIT, stride_ps, stride_pk, 6)
             loss1 += tl.where(rm, bg + tl.log(sm) - dg * inv_tau, 0.0)
             if HAS_Z:
-                bg, sm, _ = _row_stats(PSTATS, r, rm, N_RSPLIT, stride_ps, stride_pk, 3, BLOCK_R)
-                dg = _split_sum(PSTATS, r, rm, N_RSPLIT, stride_ps, stride_pk, 7, BLOCK_R)
+                bg, sm, _ = _row_stats(PSTATS, r, rm, N_RSPLIT, stride_ps, stride_pk, 3)
+                dg = _split_sum(PSTATS, r, rm, N_RSPLIT, stride_ps, stride_pk, 7)
                 loss2 += tl.where(rm, bg + tl.log(sm) - dg * inv_tau, 0.0)
         tl.store(LOSS_CL, tl.sum(loss1, axis=0) * inv_b)
         tl.store(LOSS_S, tl.sum(loss2, axis=0) * inv_b)
-
-
-@triton.jit
-def _split_sum1(STATS, row, N_SPLIT, stride_s, stride_k, K: tl.constexpr):
-    """``sum_s STATS[s, K, row]`` for one row, splits in order."""
-    acc = tl.load(STATS + K * stride_k + row)
-    for sp in range(1, N_SPLIT):
-        acc += tl.load(STATS + sp * stride_s + K * stride_k + row)
-    return acc
 
 
 @triton.jit
@@ -401,20 +410,9 @@ def _loss_row(PSTATS, CSTATS, row, N_RSPLIT, N_CSPLIT, stride_ps, stride_pk, str
     """One row's merged statistics of one loss (``K_M``: its ``m, l, s`` rows in PSTATS, ``K_DIAG`` its
     ``cos_ii``, ``K_T`` its ``t`` row in CSTATS): ``M = max_s m_s``, ``1 / l``, ``s / l - cos_ii`` and
     ``t_i - cos_ii``, the per-row factors of the gradient formulas (module docstring)."""
-    m0 = tl.load(PSTATS + K_M * stride_pk + row)
-    big = m0
-    for sp in range(1, N_RSPLIT):
-        big = tl.maximum(big, tl.load(PSTATS + sp * stride_ps + K_M * stride_pk + row))
-    e0 = tl.exp(m0 - big)
-    tot = tl.load(PSTATS + (K_M + 1) * stride_pk + row) * e0
-    wsum = tl.load(PSTATS + (K_M + 2) * stride_pk + row) * e0
-    for sp in range(1, N_RSPLIT):
-        base = PSTATS + sp * stride_ps + row
-        e = tl.exp(tl.load(base + K_M * stride_pk) - big)
-        tot += tl.load(base + (K_M + 1) * stride_pk) * e
-        wsum += tl.load(base + (K_M + 2) * stride_pk) * e
-    diag = _split_sum1(PSTATS, row, N_RSPLIT, stride_ps, stride_pk, K_DIAG)
-    t = _split_sum1(CSTATS, row, N_CSPLIT, stride_cs, stride_ck, K_T)
+    big, tot, wsum = _row_stats(PSTATS, row, row >= 0, N_RSPLIT, stride_ps, stride_pk, K_M)
+    diag = _split_sum(PSTATS, row, row >= 0, N_RSPLIT, stride_ps, stride_pk, K_DIAG)
+    t = _split_sum(CSTATS, row, row >= 0, N_CSPLIT, stride_cs, stride_ck, K_T)
     inv_l = 1.0 / tot
     return big, inv_l, wsum * inv_l - diag, t - diag
 
@@ -472,19 +470,19 @@ def _info_nce_grads_kernel(
     ``OUT3, OUT4 = dL_s/dx, dL_s/dz2`` (``dL_s/dz`` without ``NB``), written in place over ``GX1, GY, GX2, GZ``:
     every load of a slice comes before a CTA barrier and every store after it, so no thread overwrites an element
     that another thread of the program has yet to read."""
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # offsets in int64 (see _dot_tiles)
     offs_d = tl.arange(0, BLOCK_D)
     rx = tl.load(PSTATS + 10 * stride_pk + row)  # the same in every split
     f_cl = 1.0
     f_s = 1.0
     if WITH_CL:
-        ry = _split_sum1(PSTATS, row, N_RSPLIT, stride_ps, stride_pk, 8)
+        ry = _split_sum(PSTATS, row, row >= 0, N_RSPLIT, stride_ps, stride_pk, 8)
         big1, inv_l1, c1, e1 = _loss_row(PSTATS, CSTATS, row, N_RSPLIT, N_CSPLIT, stride_ps, stride_pk, stride_cs,
                                          stride_ck, 0, 6, 0)
         if SUM:
             f_cl = tl.load(G_CL).to(tl.float32)
     if WITH_S:
-        rz = _split_sum1(PSTATS, row, N_RSPLIT, stride_ps, stride_pk, 9)
+        rz = _split_sum(PSTATS, row, row >= 0, N_RSPLIT, stride_ps, stride_pk, 9)
         big2, inv_l2, c2, e2 = _loss_row(PSTATS, CSTATS, row, N_RSPLIT, N_CSPLIT, stride_ps, stride_pk, stride_cs,
                                          stride_ck, 3, 7, 1)
         if SUM:
@@ -509,13 +507,14 @@ def _info_nce_grads_kernel(
         for d0 in range(0, D, BLOCK_D):
             d = d0 + offs_d
             d_mask = d < D
-            xh = tl.load(X + row * stride_xb + d * stride_xd, mask=d_mask, other=0.0).to(tl.float32) * rx
-            y = tl.load(Y + row * stride_yb + d * stride_yd, mask=d_mask, other=0.0).to(tl.float32)
-            zs = tl.load(Z + row * stride_zb + d * stride_zd, mask=d_mask, other=0.0).to(tl.float32)
+            d64 = d.to(tl.int64)
+            xh = tl.load(X + row * stride_xb + d64 * stride_xd, mask=d_mask, other=0.0).to(tl.float32) * rx
+            y = tl.load(Y + row * stride_yb + d64 * stride_yd, mask=d_mask, other=0.0).to(tl.float32)
+            zs = tl.load(Z + row * stride_zb + d64 * stride_zd, mask=d_mask, other=0.0).to(tl.float32)
             v2 = _merged_v(GZ, VP2, row * stride_gb + d, d_mask, N_CSPLIT, stride_vp)
             g = (f_s * scale * rz) * (v2 - xh - zs * (rz * e2))
-            q = tl.load(Q2 + row * stride_qb + d * stride_qd, mask=d_mask, other=0.0).to(tl.float32)
-            nb = tl.load(NB + nb_off + d[None, :] * stride_nbd, mask=k_mask[:, None] & d_mask[None, :],
+            q = tl.load(Q2 + row * stride_qb + d64 * stride_qd, mask=d_mask, other=0.0).to(tl.float32)
+            nb = tl.load(NB + nb_off + d64[None, :] * stride_nbd, mask=k_mask[:, None] & d_mask[None, :],
                          other=0.0).to(tl.float32)
             gw += tl.sum(nb * g[None, :], axis=1)
             gq_acc += g * q
@@ -535,23 +534,24 @@ def _info_nce_grads_kernel(
     for d0 in range(0, D, BLOCK_D):
         d = d0 + offs_d
         d_mask = d < D
+        d64 = d.to(tl.int64)
         off = row * stride_gb + d
-        xh = tl.load(X + row * stride_xb + d * stride_xd, mask=d_mask, other=0.0).to(tl.float32) * rx
-        y = tl.load(Y + row * stride_yb + d * stride_yd, mask=d_mask, other=0.0).to(tl.float32)
+        xh = tl.load(X + row * stride_xb + d64 * stride_xd, mask=d_mask, other=0.0).to(tl.float32) * rx
+        y = tl.load(Y + row * stride_yb + d64 * stride_yd, mask=d_mask, other=0.0).to(tl.float32)
         if WITH_CL:
             u1 = _merged_u(GX1, UP1, PSTATS, row, off, d_mask, big1, N_RSPLIT, stride_up, stride_ps, stride_pk, 0)
             v1 = _merged_v(GY, VP1, off, d_mask, N_CSPLIT, stride_vp)
             g1 = (scale * rx) * (u1 * inv_l1 - y * ry - xh * c1)
             h1 = (scale * ry) * (v1 - xh - y * (ry * e1))
         if WITH_S:
-            zs = tl.load(Z + row * stride_zb + d * stride_zd, mask=d_mask, other=0.0).to(tl.float32)
+            zs = tl.load(Z + row * stride_zb + d64 * stride_zd, mask=d_mask, other=0.0).to(tl.float32)
             u2 = _merged_u(GX2, UP2, PSTATS, row, off, d_mask, big2, N_RSPLIT, stride_up, stride_ps, stride_pk, 3)
             v2 = _merged_v(GZ, VP2, off, d_mask, N_CSPLIT, stride_vp)
             g2 = (scale * rx) * (u2 * inv_l2 - zs * rz - xh * c2)
             h2 = (f_s * scale * rz) * (v2 - xh - zs * (rz * e2))
             if NB is not None:
-                q = tl.load(Q2 + row * stride_qb + d * stride_qd, mask=d_mask, other=0.0).to(tl.float32)
-                nb = tl.load(NB + nb_off + d[None, :] * stride_nbd, mask=k_mask[:, None] & d_mask[None, :],
+                q = tl.load(Q2 + row * stride_qb + d64 * stride_qd, mask=d_mask, other=0.0).to(tl.float32)
+                nb = tl.load(NB + nb_off + d64[None, :] * stride_nbd, mask=k_mask[:, None] & d_mask[None, :],
                              other=0.0).to(tl.float32)
                 h2 = smooth_grad_q(h2, q, nb, w0, gl0, gl) * inv_r - y * proj
         if SUM:
@@ -602,22 +602,27 @@ def info_nce_config(batch: int, dim: int, device: torch.device, *, has_z: bool =
     blocks cover up to 64 rows and two splits are used wherever there are two tiles, so the interpreter runs few
     programs but still the split/merge path. Split counts are clamped to ``[1, number of tiles]``. Without
     overrides the result is cached per shape (it is asked for twice per fused step: launch overhead matters at the
-    paper's small sizes); a copy is returned.
+    paper's small sizes); a copy is returned. The cache key holds everything the result depends on (the device's
+    SM count and the module's limits included, not the device object), so changing a limit or the current device
+    never returns a stale entry.
     """
+    sms = num_sms(device) if device.type != "cpu" else 0
+    limits = (_MAX_SPLITS, _PARTIAL_BYTES)
     if not any(v is not None for v in overrides.values()):
-        return dict(_info_nce_config_cached(batch, dim, device, has_z, dtype))
-    return _info_nce_config(batch, dim, device, has_z, dtype, overrides)
+        return dict(_info_nce_config_cached(batch, dim, device.type, sms, has_z, dtype, limits))
+    return _info_nce_config(batch, dim, device.type, sms, has_z, dtype, limits, overrides)
 
 
 @functools.lru_cache(maxsize=256)
-def _info_nce_config_cached(batch, dim, device, has_z, dtype):
-    return _info_nce_config(batch, dim, device, has_z, dtype, {})
+def _info_nce_config_cached(batch, dim, device_type, sms, has_z, dtype, limits):
+    return _info_nce_config(batch, dim, device_type, sms, has_z, dtype, limits, {})
 
 
-def _info_nce_config(batch: int, dim: int, device: torch.device, has_z: bool, dtype: torch.dtype,
-                     overrides: dict) -> dict:
+def _info_nce_config(batch: int, dim: int, device_type: str, sms: int, has_z: bool, dtype: torch.dtype,
+                     limits: tuple, overrides: dict) -> dict:
+    max_splits, partial_max = limits
     n_acc = 2 if has_z else 1
-    if device.type == "cpu":
+    if device_type == "cpu":
         full = max(16, min(64, triton.next_power_of_2(batch)))
         tile = _split_tile(batch, 2)
         cfg = dict(ROWS_M=full, ROWS_N=tile, COLS_M=tile, COLS_N=full,
@@ -626,9 +631,8 @@ def _info_nce_config(batch: int, dim: int, device: torch.device, has_z: bool, dt
         target = 2 * triton.cdiv(batch, full)
         cap = 2
     else:
-        sms = num_sms(device)
         target = 2 * sms
-        cap = max(1, min(_MAX_SPLITS, 1 + _PARTIAL_BYTES // max(1, batch * dim * 4 * n_acc)))
+        cap = max(1, min(max_splits, 1 + partial_max // max(1, batch * dim * 4 * n_acc)))
         want = min(cap, _per_block(target, triton.cdiv(batch, 16)))
         tile = _split_tile(batch, want, (32, 16))
         # Registers (module docstring): at most 168 per thread (three 4-warp programs per SM), which without spills
@@ -775,7 +779,7 @@ def info_nce_grads(p: Passes, *, g_cl: Optional[torch.Tensor] = None, g_s: Optio
         up1.stride(0), vp1.stride(0), p.pstats.stride(0), p.pstats.stride(1), p.cstats.stride(0),
         p.cstats.stride(1), *sm_strides, outs[0].stride(0),
         WITH_CL=with_cl, WITH_S=with_s, SUM=out is not None, K=k, K_PAD=k_pad(k),
-        BLOCK_D=row_block_d(dim, p.x.device), MEAN=bool(mean) and smooth is not None, num_warps=4,
+        BLOCK_D=row_block_d(dim, p.x.device, k), MEAN=bool(mean) and smooth is not None, num_warps=4,
         **({} if p.x.device.type == "cpu" else {"maxnreg": _GRADS_MAXNREG}),
     )
     return outs if out is None else out

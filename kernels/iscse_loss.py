@@ -35,9 +35,12 @@ Every term is linear in its upstream gradient, so both ways compute the same fun
 synchronisation: a step can be captured in a CUDA graph. ``mean``: the aggregation's mean ablation (``MEAN`` in
 the smooth kernels and the gradients kernel).
 
-Supported: ``z1``/``z2`` fp32/bf16/fp16 with arbitrary strides, buffer fp32/bf16/fp16, ``1 <= k <= 256``, any
-``B``, ``D``. Tested under the interpreter (tests/test_triton_interpret.py, tests/test_ablations.py; both ways) and
-compiled for sm_90 with ptxas (``bench/gpu_bench.py --compile-only``); tests/test_triton_gpu.py holds the GPU tests.
+Supported: ``z1``/``z2`` fp32/bf16/fp16 with arbitrary strides (int64 offsets), buffer fp32/bf16/fp16, ``1 <= k <= 256``
+and at most the rows that can be neighbours when the Triton kNN runs (:func:`iscse.kernels.knn_topk.check_k`), any
+``B``, ``D``. The launchers launch on the current CUDA device and stream, as Triton does: the caller makes the tensors'
+device current (:mod:`iscse.backends.triton_fused` does). Tested under the interpreter (tests/test_triton_interpret.py,
+tests/test_ablations.py; both ways) and compiled for sm_90 with ptxas (``bench/gpu_bench.py --compile-only``);
+tests/test_triton_gpu.py holds the GPU tests.
 """
 from __future__ import annotations
 
@@ -74,7 +77,7 @@ def _iscse_loss_scale_kernel(
 ):
     """Per row, when the forward made the four gradients: ``grad z1 = g_cl GX1 + g_s GX2``,
     ``grad z2 = g_cl GY + g_s GZ2`` (a loss whose factor is None is left out)."""
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # row * stride in int64: B * D may pass 2**31
     offs_d = tl.arange(0, BLOCK_D)
     g_cl = 0.0
     if G_CL is not None:

@@ -31,16 +31,19 @@ the buffer is rounded on the host there.
 
 Supported: queries fp32/bf16/fp16, buffer fp32/bf16/fp16 (float64 is rejected by the backend), ``1 <= k <= 256``
 (``K_PAD = next_power_of_2(k)``, at least 2; ``BLOCK_B`` shrinks for large k to keep the ``BLOCK_B x K_PAD`` tile
-small), any ``B``, ``D``, ``M`` (no divisibility requirements; slot indices are int32, so ``M < 2**31``),
-``self_slots`` int64 ``(B,)`` or None, arbitrary strides. Tested: under the interpreter on small odd shapes up to
-k = 64 (Triton 3.9 and 3.6, tests/test_triton_interpret.py); every specialisation compiles for sm_90 with ptxas
-(Triton 3.6 and 3.9, ``bench/gpu_bench.py --compile-only``); tests/test_triton_gpu.py holds the GPU tests at real
-sizes, not yet run on a GPU when this was written. Ties between equal similarities are broken by position, not
-necessarily as ``torch.topk`` breaks them. NaN inputs give unspecified neighbours.
+small), and at most the rows that can be neighbours (``M``, or ``M - 1`` with ``self_slots``: asked for more, the merge
+would return some slot twice, so :func:`check_k` refuses it), any ``B``, ``D``, ``M`` (no divisibility requirements;
+slot indices are int32, so ``M < 2**31``), ``self_slots`` int64 ``(B,)`` or None, arbitrary strides (offsets are
+computed in int64, so views whose element offsets pass ``2**31`` are read correctly). Tested: under the interpreter on
+small odd shapes up to k = 64 (Triton 3.9 and 3.6, tests/test_triton_interpret.py); every specialisation compiles for
+sm_90 with ptxas (Triton 3.6 and 3.9, ``bench/gpu_bench.py --compile-only``); tests/test_triton_gpu.py holds the GPU
+tests at real sizes, not yet run on a GPU when this was written. Ties between equal similarities are broken by position,
+not necessarily as ``torch.topk`` breaks them. NaN inputs give unspecified neighbours.
 """
 from __future__ import annotations
 
 import functools
+import numbers
 
 import torch
 import triton
@@ -48,9 +51,10 @@ import triton.language as tl
 
 from ._common import fp32_dot_precision, k_pad, merge_block, merge_topk, num_sms, row_block_d
 
-__all__ = ["knn_topk", "knn_topk_candidates", "knn_config"]
+__all__ = ["knn_topk", "knn_topk_candidates", "knn_config", "check_k", "MAX_K"]
 
-
+#: Largest k: the running top-k is a ``BLOCK_B x next_power_of_2(k)`` register tile.
+MAX_K = 256
 # At most this many chunks of M: bounds the candidates each merge program reads (B x chunks x K_PAD in all).
 _MAX_CHUNKS = 512
 
@@ -72,6 +76,9 @@ def _knn_chunk_kernel(
     pid_c = tl.program_id(1)
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     row_mask = rows < B
+    # Offsets into the inputs in int64 (rows, features and slots alike): their strides are the caller's, and a view
+    # (a column of a (B, L, D) tensor, a transposed buffer) can put (size - 1) * stride past 2**31.
+    q_rows = Q + rows.to(tl.int64)[:, None] * stride_qb
     if HAS_SELF:
         self_slot = tl.load(SELF + rows, mask=row_mask, other=-1)
     kcol = tl.arange(0, K_PAD)
@@ -84,15 +91,14 @@ def _knn_chunk_kernel(
     for n0 in range(start, end, BLOCK_N):
         cols = n0 + ncol
         col_mask = cols < end
-        # Slot offsets in int64: M * D can exceed 2**31 for large buffers.
         col_off = cols.to(tl.int64) * stride_mb
         acc = tl.zeros([BLOCK_B, BLOCK_N], tl.float32)
         for d0 in range(0, D, BLOCK_D):
             d = d0 + offs_d
             d_mask = d < D
-            q = tl.load(Q + rows[:, None] * stride_qb + d[None, :] * stride_qd,
-                        mask=row_mask[:, None] & d_mask[None, :], other=0.0)
-            m = tl.load(BUF + col_off[:, None] + d[None, :] * stride_md,
+            d64 = d.to(tl.int64)
+            q = tl.load(q_rows + d64[None, :] * stride_qd, mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+            m = tl.load(BUF + col_off[:, None] + d64[None, :] * stride_md,
                         mask=col_mask[:, None] & d_mask[None, :], other=0.0)
             q = q.to(m.dtype)  # the query in the buffer's dtype, as the torch backend searches
             if UPCAST:  # the interpreter's tl.dot misreads 16-bit operands; fp32 gives the same exact products
@@ -115,7 +121,7 @@ def _knn_chunk_kernel(
                 top_v = tl.where(take, best[:, None], top_v)
                 top_i = tl.where(take, (n0 + arg)[:, None], top_i)
                 cand = tl.where(ncol[None, :] == arg[:, None], float("-inf"), cand)
-    out = rows[:, None] * stride_cb + pid_c * stride_cc + kcol[None, :]
+    out = rows.to(tl.int64)[:, None] * stride_cb + pid_c * stride_cc + kcol[None, :]
     tl.store(CAND_V + out, top_v, mask=row_mask[:, None])
     tl.store(CAND_I + out, top_i, mask=row_mask[:, None])
 
@@ -132,7 +138,7 @@ def _knn_merge_kernel(
     K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE: tl.constexpr,
 ):
     """One program per query: merge its candidates, write sorted slots and their exact fp32 dot products."""
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # offsets in int64, as in the chunk kernel
     _, idx = merge_topk(CAND_V, CAND_I, row * stride_cb, N_CAND, K, K_PAD, BLOCK_C, SINGLE)
     kk = tl.arange(0, K_PAD)
     k_mask = kk < K
@@ -141,8 +147,9 @@ def _knn_merge_kernel(
     for d0 in range(0, D, BLOCK_D):
         d = d0 + offs_d
         d_mask = d < D
-        q = tl.load(Q + row * stride_qb + d * stride_qd, mask=d_mask, other=0.0).to(tl.float32)
-        nb = tl.load(BUF + idx[:, None] * stride_mb + d[None, :] * stride_md,
+        d64 = d.to(tl.int64)
+        q = tl.load(Q + row * stride_qb + d64 * stride_qd, mask=d_mask, other=0.0).to(tl.float32)
+        nb = tl.load(BUF + idx[:, None] * stride_mb + d64[None, :] * stride_md,
                      mask=k_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
         dots += tl.sum(nb * q[None, :], axis=1)
     tl.store(VALS + row * stride_vb + kk, dots, mask=k_mask)
@@ -157,22 +164,25 @@ def knn_config(batch: int, size: int, dim: int, k: int, device: torch.device, *,
     On CUDA: enough ``(row block, chunk)`` programs to fill the GPU about four times over, chunks a multiple of
     ``BLOCK_N``; ``dtype`` (the buffer's) picks the feature step. On CPU tensors (the interpreter) the tiles are
     large, so few Python-level iterations run. Without overrides the result is cached per shape (launch overhead
-    matters at the paper's small sizes).
+    matters at the paper's small sizes); a copy is returned. The cache key holds everything the result depends on
+    (the device's SM count and the module's limits included, not the device object), so changing a limit or the
+    current device never returns a stale entry.
     """
     overrides = {k_: v for k_, v in overrides.items() if v is not None}
+    sms = num_sms(device) if device.type != "cpu" else 0
     if not overrides:
-        return _knn_config_cached(batch, size, dim, k, device, dtype)
-    return _knn_config(batch, size, dim, k, device, dtype, overrides)
+        return dict(_knn_config_cached(batch, size, dim, k, device.type, sms, dtype, _MAX_CHUNKS))
+    return _knn_config(batch, size, dim, k, device.type, sms, dtype, _MAX_CHUNKS, overrides)
 
 
 @functools.lru_cache(maxsize=256)
-def _knn_config_cached(batch, size, dim, k, device, dtype):
-    return _knn_config(batch, size, dim, k, device, dtype, {})
+def _knn_config_cached(batch, size, dim, k, device_type, sms, dtype, max_chunks):
+    return _knn_config(batch, size, dim, k, device_type, sms, dtype, max_chunks, {})
 
 
-def _knn_config(batch: int, size: int, dim: int, k: int, device: torch.device, dtype: torch.dtype,
-                overrides: dict) -> dict:
-    if device.type == "cpu":
+def _knn_config(batch: int, size: int, dim: int, k: int, device_type: str, sms: int, dtype: torch.dtype,
+                max_chunks: int, overrides: dict) -> dict:
+    if device_type == "cpu":
         cfg = dict(BLOCK_B=max(16, min(64, triton.next_power_of_2(batch))), BLOCK_N=64,
                    BLOCK_D=max(16, min(128, triton.next_power_of_2(dim))), num_warps=4, num_stages=1, chunk=None)
     else:
@@ -182,38 +192,55 @@ def _knn_config(batch: int, size: int, dim: int, k: int, device: torch.device, d
         # buffer steps D by 32, not 64, because tf32x3 keeps each fp32 operand as two TF32 halves: with 64, Triton
         # 3.6 spilled at the paper's shape (64 x 1024 x 768, 8-24 bytes) and at 512 x 65536 x 1024 (216-240 bytes,
         # 8 warps); with 32 neither version spills there (192-252 registers). 16-bit buffers keep 64 (123-152
-        # registers at the benchmark shapes, no spills). Still spilling, off the benchmark shapes: fp32, k = 64.
+        # registers at the benchmark shapes, no spills). Off them, k >= 64 spills 8 bytes in some specialisations.
         block_b = 16 if batch <= 16 else 64
         wide = size > 16384 and block_b == 64
         cfg = dict(BLOCK_B=block_b, BLOCK_N=128 if wide else 64, BLOCK_D=32 if dtype == torch.float32 else 64,
                    num_warps=8 if wide else 4, num_stages=3, chunk=None)
-    # The running top-k tile (BLOCK_B x K_PAD, values and slots) lives in registers: keep it at most 4096 entries.
-    while cfg["BLOCK_B"] * k_pad(k) > 4096 and cfg["BLOCK_B"] > 16:
+    # The running top-k tile (BLOCK_B x K_PAD, values and slots) lives in registers: keep it at most 2048 entries
+    # (with 4096, ptxas for sm_90 spilled 160-184 bytes at k = 64 with an fp32 buffer and 8-16 bytes at k = 128;
+    # bench/gpu_bench.py --compile-only).
+    while cfg["BLOCK_B"] * k_pad(k) > 2048 and cfg["BLOCK_B"] > 16:
         cfg["BLOCK_B"] //= 2
     cfg.update(overrides)
     if cfg["chunk"] is None:
         row_blocks = triton.cdiv(batch, cfg["BLOCK_B"])
         tiles = triton.cdiv(size, cfg["BLOCK_N"])
-        if device.type == "cpu":
+        if device_type == "cpu":
             target = 2  # exercise the merge, keep the interpreter's program count small
         else:
-            target = max(1, 4 * num_sms(device) // row_blocks)
-        chunks = max(1, min(target, tiles, _MAX_CHUNKS))
+            target = max(1, 4 * sms // row_blocks)
+        chunks = max(1, min(target, tiles, max_chunks))
         cfg["chunk"] = triton.cdiv(tiles, chunks) * cfg["BLOCK_N"]
     else:
         cfg["chunk"] = triton.cdiv(cfg["chunk"], cfg["BLOCK_N"]) * cfg["BLOCK_N"]
     return cfg
 
 
+def check_k(k: int, size: int, has_self: bool) -> None:
+    """``ValueError`` unless ``1 <= k <= MAX_K`` and ``k`` is at most the rows that can be neighbours: ``size``, less
+    one when each query's own slot is excluded. (Asked for more, the merge would fill the missing places with
+    ``-inf`` candidates, whose slot is 0, and return a slot twice.)"""
+    if not isinstance(k, numbers.Integral) or isinstance(k, bool) or not 1 <= k <= MAX_K:
+        raise ValueError(f"k must be an int in [1, {MAX_K}], got {k!r}")
+    candidates = size - 1 if has_self else size
+    if k > candidates:
+        own = ", each query's own slot excluded" if has_self else ""
+        raise ValueError(f"k={k} is larger than the {candidates} buffer rows that can be neighbours (M={size}{own}); "
+                         f"use k <= {candidates} or a larger buffer")
+
+
 def knn_topk_candidates(q: torch.Tensor, storage: torch.Tensor, k: int, self_slots, **overrides):
     """Launch ``_knn_chunk_kernel``: per-chunk top-``K_PAD`` candidates for each query.
 
     ``q`` ``(B, D)`` and ``storage`` ``(M, D)`` on one device (fp32/bf16/fp16), ``self_slots`` int64 ``(B,)`` or
-    None. Returns ``(cand_v, cand_i)``: fp32 and int32 ``(B, n_chunks, K_PAD)``, unsorted within a chunk, ``-inf``
-    where a chunk has fewer than ``K_PAD`` eligible rows. ``overrides``: tile sizes (see :func:`knn_config`).
+    None; ``k`` as :func:`check_k` allows (``ValueError`` otherwise). Returns ``(cand_v, cand_i)``: fp32 and int32
+    ``(B, n_chunks, K_PAD)``, unsorted within a chunk, ``-inf`` where a chunk has fewer than ``K_PAD`` eligible
+    rows. ``overrides``: tile sizes (see :func:`knn_config`).
     """
     batch, dim = q.shape
     size = storage.shape[0]
+    check_k(k, size, self_slots is not None)
     kp = k_pad(k)
     cfg = knn_config(batch, size, dim, k, q.device, dtype=storage.dtype, **overrides)
     if q.device.type == "cpu" and q.dtype != storage.dtype:
@@ -239,10 +266,11 @@ def knn_topk_candidates(q: torch.Tensor, storage: torch.Tensor, k: int, self_slo
 def knn_topk(q: torch.Tensor, storage: torch.Tensor, k: int, self_slots=None, **overrides):
     """Top-``k`` buffer slots by dot product for each query (two launches: chunk kernel, merge kernel).
 
-    ``q`` ``(B, D)``, ``storage`` ``(M, D)`` (fp32/bf16/fp16, one device), ``1 <= k <= 64``, ``self_slots`` int64
-    ``(B,)`` slots to exclude or None. Returns ``(vals, idx)``: fp32 exact dot products (``q`` and the rows upcast to
-    fp32) and int64 slots, each ``(B, k)``, sorted by descending similarity. Nothing is differentiable.
-    ``overrides``: tile sizes of the chunk kernel (:func:`knn_config`) and ``BLOCK_C`` of the merge.
+    ``q`` ``(B, D)``, ``storage`` ``(M, D)`` (fp32/bf16/fp16, one device), ``self_slots`` int64 ``(B,)`` slots to
+    exclude or None, ``1 <= k <= 256`` and at most the rows that can be neighbours (``M``, or ``M - 1`` with
+    ``self_slots``; :func:`check_k` raises ``ValueError`` otherwise). Returns ``(vals, idx)``: fp32 exact dot products
+    (``q`` and the rows upcast to fp32) and int64 slots, each ``(B, k)``, sorted by descending similarity. Nothing is
+    differentiable. ``overrides``: tile sizes of the chunk kernel (:func:`knn_config`) and ``BLOCK_C`` of the merge.
     """
     batch, dim = q.shape
     block_c = overrides.pop("BLOCK_C", None)
@@ -257,7 +285,7 @@ def knn_topk(q: torch.Tensor, storage: torch.Tensor, k: int, self_slots=None, **
         dim, n_cand,
         q.stride(0), q.stride(1), storage.stride(0), storage.stride(1), cand_v.stride(0), vals.stride(0),
         idx.stride(0),
-        K=k, K_PAD=kp, BLOCK_C=block_c, BLOCK_D=row_block_d(dim, q.device), SINGLE=n_cand <= block_c,
+        K=k, K_PAD=kp, BLOCK_C=block_c, BLOCK_D=row_block_d(dim, q.device, k), SINGLE=n_cand <= block_c,
         num_warps=4,
     )
     return vals, idx

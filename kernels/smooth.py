@@ -25,11 +25,12 @@ Mean aggregation (the paper's ablation, ``MEAN=True`` in both kernels): ``w = 1 
 ``[q_i; N_i]``, so ``z*_i`` is the group's mean and ``grad_q = g / (k + 1)`` (the weights do not depend on ``q``:
 ``glogit = 0``); the logits' dot products are still computed and written.
 
-Supported: ``q`` fp32/bf16/fp16, buffer fp32/bf16/fp16, ``1 <= k <= 256``, any ``B``, ``D``, arbitrary strides
-for ``q`` and the buffer (``grad z*`` is made row-contiguous). All arithmetic is fp32 (no ``tl.dot``: each row is
-a ``K_PAD x BLOCK_D`` tile). Tested under the interpreter up to k = 64 (Triton 3.9 and 3.6,
-tests/test_triton_interpret.py) and compiled for sm_90 with ptxas; the GPU tests (tests/test_triton_gpu.py) were
-not yet run on a GPU when this was written.
+Supported: ``q`` fp32/bf16/fp16, buffer fp32/bf16/fp16, ``1 <= k <= 256``, any ``B``, ``D``, arbitrary strides for ``q``
+and the buffer (int64 offsets; ``grad z*`` is made row-contiguous). The feature step narrows as k grows
+(:func:`~iscse.kernels._common.row_block_d`), so the ``K_PAD x BLOCK_D`` neighbour tile stays in registers. All
+arithmetic is fp32 (no ``tl.dot``: each row is a ``K_PAD x BLOCK_D`` tile). Tested under the interpreter up to k = 64
+(Triton 3.9 and 3.6, tests/test_triton_interpret.py) and compiled for sm_90 with ptxas; the GPU tests
+(tests/test_triton_gpu.py) were not yet run on a GPU when this was written.
 """
 from __future__ import annotations
 
@@ -59,7 +60,7 @@ def _smooth_fwd_kernel(
 ):
     """Per query row: (merge candidates,) gather the k rows, softmax weights, ``z*``; saves the rows to ``NB``
     unless it is None."""
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # offsets in int64: the caller's strides may be large (knn_topk.py)
     kk = tl.arange(0, K_PAD)
     k_mask = kk < K
     if MERGE:
@@ -73,10 +74,11 @@ def _smooth_fwd_kernel(
     for d0 in range(0, D, BLOCK_D):
         d = d0 + offs_d
         d_mask = d < D
-        q = tl.load(Q + row * stride_qb + d * stride_qd, mask=d_mask, other=0.0).to(tl.float32)
+        d64 = d.to(tl.int64)
+        q = tl.load(Q + row * stride_qb + d64 * stride_qd, mask=d_mask, other=0.0).to(tl.float32)
         qq_acc += q * q
         if not USE_VALS:
-            nb = tl.load(BUF + nb_off + d[None, :] * stride_md, mask=k_mask[:, None] & d_mask[None, :],
+            nb = tl.load(BUF + nb_off + d64[None, :] * stride_md, mask=k_mask[:, None] & d_mask[None, :],
                          other=0.0).to(tl.float32)
             dots += tl.sum(nb * q[None, :], axis=1)
     if USE_VALS:
@@ -99,9 +101,10 @@ def _smooth_fwd_kernel(
     for d0 in range(0, D, BLOCK_D):
         d = d0 + offs_d
         d_mask = d < D
-        q = tl.load(Q + row * stride_qb + d * stride_qd, mask=d_mask, other=0.0).to(tl.float32)
+        d64 = d.to(tl.int64)
+        q = tl.load(Q + row * stride_qb + d64 * stride_qd, mask=d_mask, other=0.0).to(tl.float32)
         nb_mask = k_mask[:, None] & d_mask[None, :]
-        nb = tl.load(BUF + nb_off + d[None, :] * stride_md, mask=nb_mask, other=0.0)
+        nb = tl.load(BUF + nb_off + d64[None, :] * stride_md, mask=nb_mask, other=0.0)
         if NB is not None:
             tl.store(NB + row * stride_nbb + kk[:, None] * stride_nbk + d[None, :], nb, mask=nb_mask)
         z = w0 * q + tl.sum(w[:, None] * nb.to(tl.float32), axis=0)
@@ -144,7 +147,7 @@ def _smooth_bwd_kernel(
     K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_D: tl.constexpr, MEAN: tl.constexpr,
 ):
     """Per row: ``grad q`` of the smooth op from ``grad z*``, the saved neighbour rows and the weights."""
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # offsets in int64 (see _smooth_fwd_kernel)
     offs_d = tl.arange(0, BLOCK_D)
     kk = tl.arange(0, K_PAD)
     k_mask = kk < K
@@ -157,7 +160,7 @@ def _smooth_bwd_kernel(
         d = d0 + offs_d
         d_mask = d < D
         g = tl.load(GZ + row * stride_gzb + d, mask=d_mask, other=0.0).to(tl.float32)
-        q = tl.load(Q + row * stride_qb + d * stride_qd, mask=d_mask, other=0.0).to(tl.float32)
+        q = tl.load(Q + row * stride_qb + d.to(tl.int64) * stride_qd, mask=d_mask, other=0.0).to(tl.float32)
         nb = tl.load(NB + nb_off + d[None, :], mask=k_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
         gw += tl.sum(nb * g[None, :], axis=1)
         gq_acc += g * q
@@ -166,7 +169,7 @@ def _smooth_bwd_kernel(
         d = d0 + offs_d
         d_mask = d < D
         g = tl.load(GZ + row * stride_gzb + d, mask=d_mask, other=0.0).to(tl.float32)
-        q = tl.load(Q + row * stride_qb + d * stride_qd, mask=d_mask, other=0.0).to(tl.float32)
+        q = tl.load(Q + row * stride_qb + d.to(tl.int64) * stride_qd, mask=d_mask, other=0.0).to(tl.float32)
         nb = tl.load(NB + nb_off + d[None, :], mask=k_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
         tl.store(OUT_Q + row * stride_oqb + d, smooth_grad_q(g, q, nb, w0, gl0, gl), mask=d_mask)
 
@@ -212,7 +215,7 @@ def smooth_forward(q: torch.Tensor, storage: torch.Tensor, k: int, attn_temperat
         dim, n_cand, 1.0 / attn_temperature,
         q.stride(0), q.stride(1), storage.stride(0), storage.stride(1), stride_c, vals_in.stride(0),
         z_star.stride(0), w.stride(0), idx_out.stride(0), dots.stride(0), *(nb.stride()[:2] if save_rows else (0, 0)),
-        K=k, K_PAD=kp, BLOCK_C=block_c, BLOCK_D=row_block_d(dim, dev), MERGE=merge, SINGLE=n_cand <= block_c,
+        K=k, K_PAD=kp, BLOCK_C=block_c, BLOCK_D=row_block_d(dim, dev, k), MERGE=merge, SINGLE=n_cand <= block_c,
         USE_VALS=use_vals, MEAN=bool(mean), num_warps=4,
     )
     return z_star, w, idx_out, dots, nb
@@ -231,6 +234,6 @@ def smooth_backward(grad_z: torch.Tensor, q: torch.Tensor, nb: torch.Tensor, w: 
         grad_z, q, nb, w, grad_q,
         dim, 1.0 / attn_temperature,
         grad_z.stride(0), q.stride(0), q.stride(1), nb.stride(0), nb.stride(1), w.stride(0), grad_q.stride(0),
-        K=k, K_PAD=k_pad(k), BLOCK_D=row_block_d(dim, q.device), MEAN=bool(mean), num_warps=4,
+        K=k, K_PAD=k_pad(k), BLOCK_D=row_block_d(dim, q.device, k), MEAN=bool(mean), num_warps=4,
     )
     return grad_q

@@ -56,3 +56,30 @@ def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, 
 def shared_data_dir() -> Path:
     """SentEval/corpus data: $ISCSE_DATA_ROOT, else ../shared/data beside the repo."""
     return Path(os.environ.get("ISCSE_DATA_ROOT", REPO.parent / "shared" / "data"))
+
+
+def assert_triton_ops_equal(wide, dense, k: int) -> None:
+    """The Triton kNN, smooth op, dual InfoNCE and fused step (forward and backward) give bit-identical results on
+    ``wide = (z1, z2, storage)`` (views with large strides) and ``dense`` (the same values, contiguous): only the
+    addresses the kernels read differ. Imports the backend lazily (the interpreter must be chosen first)."""
+    import torch.nn.functional as F
+
+    from iscse.backends import triton_fused as T
+    from iscse.kernels.info_nce import info_nce_forward
+    from iscse.kernels.knn_topk import knn_topk
+
+    (w1, w2, wbuf), (z1, z2, rows) = wide, dense
+    for got, want in ((knn_topk(w1, wbuf, k), knn_topk(z1, rows, k)),
+                      (info_nce_forward(w1, w2, None, 0.05)[:4], info_nce_forward(z1, z2, None, 0.05)[:4])):
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+    vals, idx = knn_topk(z2, rows, k)
+    assert torch.equal(T.smooth(w2, wbuf, idx, vals), T.smooth(z2, rows, idx, vals))
+    results = []
+    for a, b, storage in (wide, dense):
+        a, b = a.detach().requires_grad_(), b.detach().requires_grad_()
+        l_cl, l_s = T.TritonBackend().iscse_loss(
+            a, b, F.normalize(b, dim=1), storage, torch.arange(a.shape[0], device=a.device), 0, k=k,
+            temperature=0.05, attn_temperature=2.0, smooth=True)
+        (l_cl + 0.5 * l_s).backward()
+        results.append((l_cl, l_s, a.grad, b.grad))
+    assert all(torch.equal(a, b) for a, b in zip(*results))

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import iscse
 from iscse import reference as R
 
-from conftest import assert_rel_close, rel_err
+from conftest import assert_rel_close, assert_triton_ops_equal, rel_err
 
 pytestmark = pytest.mark.gpu
 
@@ -307,3 +307,54 @@ def test_fused_step_launch_count(hold, monkeypatch):
         assert sum(any(m in n for m in mine) for n in names) == expected, names
         assert len(names) == expected, f"launches other than the fused kernels: {names}"
         z1.grad = z2.grad = None
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_tensors_on_another_device_than_the_current_one():
+    """Inputs on ``cuda:1`` while ``cuda:0`` is current: every op launches on ``cuda:1`` (Triton launches on the
+    current device unless the backend enters the tensors'), and the results equal the same step run with
+    ``cuda:1`` current."""
+    B, M, D, k = 64, 1024, 768, 16
+    dev = torch.device("cuda", 1)
+    rows = F.normalize(torch.randn(M, D), dim=1)
+    z1, z2 = torch.randn(B, D), torch.randn(B, D)
+    results = []
+    for current in (0, 1):
+        with torch.cuda.device(current):
+            buf = iscse.MemoryBuffer(M, D, device=dev)
+            buf.storage.copy_(rows.to(dev))
+            buf.written = M
+            a1, a2 = z1.to(dev).requires_grad_(), z2.to(dev).requires_grad_()
+            out = iscse.iscse_loss(a1, a2, buf, k=k, backend="triton", return_components=True, check_finite=False)
+            (0.7 * out.contrastive + 1.3 * out.smooth).backward()
+            q2 = F.normalize(a2.detach(), dim=-1)
+            vals, idx = iscse.knn_topk(q2, buf, k, backend="triton")
+            z_star = iscse.smooth(q2, buf, idx, vals, backend="triton")
+            nce = iscse.info_nce(a1.detach(), a2.detach(), backend="triton")
+            torch.cuda.synchronize(dev)
+            results.append([t.cpu() for t in (out.contrastive, out.smooth, a1.grad, a2.grad, vals, idx, z_star,
+                                               nce, buf.storage)])
+    assert results[0][1].item() > 0  # smoothing was on
+    names = ("L_cl", "L_s", "grad z1", "grad z2", "knn vals", "knn idx", "z*", "info_nce", "buffer")
+    for name, a, b in zip(names, *results):
+        assert torch.equal(a, b), f"{name}: differs when cuda:0 is current"
+
+
+def test_offsets_past_two_to_the_31():
+    """Strided inputs whose element offsets reach ``2**31`` (the kernels' int32 offsets wrapped there): ``z1``,
+    ``z2`` as rows ``2**30`` elements apart (``(B - 1) * stride = 2**31``, as ``h[:, 0]`` of a large ``(B, L, D)``
+    tensor) and a transposed ``(D, M)`` buffer with ``(D - 1) * M >= 2**31`` give exactly the results of
+    contiguous copies: kNN, smooth, the dual InfoNCE and the fused step with its backward. bf16, about 12 GiB."""
+    B, D, k, stride = 3, 768, 16, 2**30
+    M = -(-2**31 // (D - 1))  # 2,799,843 rows: (D - 1) * M >= 2**31
+    dt = torch.bfloat16
+    base = torch.empty((B - 1) * stride + 2 * D, device=DEV, dtype=dt)
+    w1 = base.as_strided((B, D), (stride, 1))
+    w2 = base.as_strided((B, D), (stride, 1), D)
+    w1.copy_(torch.randn(B, D, device=DEV))
+    w2.copy_(torch.randn(B, D, device=DEV))
+    z1, z2 = w1.contiguous(), w2.contiguous()
+    wbuf = torch.randn(D, M, device=DEV, dtype=dt).t()  # (M, D), feature stride M (norms do not matter here)
+    rows = wbuf.contiguous()
+    assert (B - 1) * w1.stride(0) >= 2**31 and (D - 1) * wbuf.stride(1) >= 2**31
+    assert_triton_ops_equal((w1, w2, wbuf), (z1, z2, rows), k)

@@ -27,7 +27,7 @@ from iscse import reference as R  # noqa: E402
 from iscse.backends import pytorch as torch_ops  # noqa: E402
 from iscse.backends import triton_fused as triton_ops  # noqa: E402
 
-from conftest import assert_rel_close, rel_err  # noqa: E402
+from conftest import assert_rel_close, assert_triton_ops_equal, rel_err  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not triton_ops.INTERPRETED,
                                 reason="triton was imported in compiled mode; tests/test_triton_gpu.py covers it")
@@ -395,3 +395,180 @@ def test_kernels_compile_for_sm90():
                           capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "0 failed to compile" in proc.stdout
+
+
+def _second_derivative_of(fn, *leaves):
+    """``fn(*leaves)`` (a scalar), its gradient with ``create_graph=True``, then that gradient's backward."""
+    out = fn(*leaves)
+    (g,) = torch.autograd.grad(out, leaves[:1], create_graph=True)
+    g.square().sum().backward()
+
+
+@pytest.mark.parametrize("op", ["smooth", "info_nce", "iscse_loss", "iscse_loss + torch term", "backward()"])
+def test_double_backward_raises(op):
+    """The kernels' gradients carry no graph, so differentiating them again would be silently wrong (zero): every
+    Function of the Triton backend refuses ``create_graph=True`` with an error that names the torch backend, whether
+    the incoming gradient is a constant (plain ``autograd.grad``) or itself requires grad; first-order backward is
+    unaffected (the rest of this module)."""
+    B, M, D, k = 5, 12, 13, 3
+    z1, z2 = torch.randn(B, D, requires_grad=True), torch.randn(B, D, requires_grad=True)
+    storage = torch.nn.functional.normalize(torch.randn(M, D), dim=1)
+    buf = _full_buffer(storage, torch.float32)
+
+    def loss(a, b):
+        return iscse.iscse_loss(a, b, buf, k=k, backend="triton")
+
+    with pytest.raises(RuntimeError, match="no double backward.*backend='torch'"):
+        if op == "smooth":
+            idx = torch.stack([torch.randperm(M)[:k] for _ in range(B)])
+            _second_derivative_of(lambda q: triton_ops.smooth(q, storage, idx, torch.randn(B, k)).sum(), z2)
+        elif op == "info_nce":
+            _second_derivative_of(lambda a, b: triton_ops.info_nce(a, b), z1, z2)
+        elif op == "iscse_loss":
+            _second_derivative_of(loss, z1, z2)
+        elif op == "iscse_loss + torch term":  # the gradient has a graph through the torch term only
+            _second_derivative_of(lambda a, b: loss(a, b) + a.square().sum(), z1, z2)
+        else:  # an incoming gradient that requires grad, through backward(create_graph=True)
+            (loss(z1, z2) * z1.sum()).backward(create_graph=True)
+
+
+def test_launches_enter_the_inputs_device(monkeypatch):
+    """Triton launches on the current CUDA device, whatever the tensors' device: every kernel launch of every entry
+    point of the backend (the standalone ops, the fused Function, their backward) happens inside the context
+    ``_on_device`` gives for its inputs. The context and the kernels are replaced by recorders (no GPU here, and
+    the recorded launches need not run); ``_on_device`` itself is checked on a CUDA device without entering it."""
+    from types import SimpleNamespace
+
+    from iscse.kernels import info_nce as N
+    from iscse.kernels import iscse_loss as L
+    from iscse.kernels import knn_topk as K
+    from iscse.kernels import smooth as S
+
+    ctx = triton_ops._on_device(SimpleNamespace(device=torch.device("cuda", 1)))
+    assert isinstance(ctx, torch.cuda.device) and ctx.idx == 1
+    entered, launches = [], []
+
+    class Device:
+        def __init__(self, t):
+            self.device = t.device
+
+        def __enter__(self):
+            entered.append(self.device)
+
+        def __exit__(self, *exc):
+            entered.pop()
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((self.name, list(entered)))
+
+    monkeypatch.setattr(triton_ops, "_on_device", Device)
+    for mod in (K, S, N, L):
+        for name in [n for n in vars(mod) if n.startswith("_") and n.endswith("_kernel")]:
+            monkeypatch.setattr(mod, name, Recorder(name))
+    B, M, D, k = 5, 12, 13, 3
+    z1, z2 = torch.randn(B, D, requires_grad=True), torch.randn(B, D, requires_grad=True)
+    storage = torch.randn(M, D)
+    idx = torch.randint(0, M, (B, k))
+    triton_ops.knn_topk(z2, storage, k, torch.arange(B))
+    triton_ops.smooth(z2, storage, idx, torch.randn(B, k)).sum().backward()
+    triton_ops.info_nce(z1, z2).backward()
+    for hold in (2**62, -1):
+        monkeypatch.setattr(L, "HOLD_MAX_BYTES", hold)
+        l_cl, l_s = triton_ops.TritonBackend().iscse_loss(
+            z1, z2, z2.detach(), storage, torch.arange(B), 0, k=k, temperature=0.05, attn_temperature=2.0,
+            smooth=True)
+        (l_cl + l_s).backward()
+    names = {name for name, _ in launches}
+    assert names == {"_knn_chunk_kernel", "_knn_merge_kernel", "_smooth_fwd_kernel", "_smooth_bwd_kernel",
+                     "_info_nce_rows_kernel", "_info_nce_cols_kernel", "_info_nce_grads_kernel",
+                     "_iscse_loss_scale_kernel"}, names
+    outside = [name for name, devices in launches if devices != [z1.device]]
+    assert not outside, f"launched outside the inputs' device context: {outside}"
+
+
+def test_configs_are_copies_and_follow_the_module_limits(monkeypatch):
+    """``knn_config`` and ``info_nce_config`` return copies (a caller's edit does not reach the next launch), and
+    their caches are keyed on everything they read: a changed SM count or module limit is seen at once, with no
+    cache to clear."""
+    from iscse.kernels import _common as C
+    from iscse.kernels import info_nce as N
+    from iscse.kernels import knn_topk as K
+
+    meta = torch.device("meta")
+    for get in (lambda: K.knn_config(512, 65536, 768, 16, meta), lambda: N.info_nce_config(512, 1024, meta)):
+        cfg = get()
+        cfg["num_warps"] = -1
+        assert get()["num_warps"] != -1 and get() is not get()
+    knn, nce = K.knn_config(512, 65536, 768, 16, meta), N.info_nce_config(512, 1024, meta)
+    monkeypatch.setattr(C, "ASSUMED_SMS", 2 * C.ASSUMED_SMS)
+    assert K.knn_config(512, 65536, 768, 16, meta)["chunk"] < knn["chunk"]  # more SMs: more, smaller chunks
+    assert N.info_nce_config(512, 1024, meta)["ROW_SPLITS"] > nce["ROW_SPLITS"]
+    monkeypatch.setattr(K, "_MAX_CHUNKS", 1)
+    assert K.knn_config(512, 65536, 768, 16, meta)["chunk"] >= 65536
+    monkeypatch.setattr(N, "_PARTIAL_BYTES", 0)
+    assert N.info_nce_config(512, 1024, meta)["ROW_SPLITS"] == 1
+    monkeypatch.undo()
+    assert K.knn_config(512, 65536, 768, 16, meta) == knn and N.info_nce_config(512, 1024, meta) == nce
+
+
+def test_knn_refuses_more_neighbours_than_candidates():
+    """The kernels' own entry points and the backend's ``knn_topk`` refuse k above the rows that can be neighbours
+    (M, or M - 1 with the own slots excluded): they used to fill the missing places with slot 0's candidate (M = 5,
+    own slots excluded, k = 5 gave [1, 2, 3, 4, 1]). At the limit every other slot comes back once."""
+    from iscse.kernels import iscse_loss as L
+    from iscse.kernels import knn_topk as K
+    from iscse.kernels import smooth as S
+
+    B, M, D = 3, 5, 13
+    q = torch.nn.functional.normalize(torch.randn(B, D), dim=1)
+    storage = torch.nn.functional.normalize(torch.randn(M, D), dim=1)
+    own = torch.tensor([0, 2, 4])
+    for call in (lambda k, s: K.knn_topk(q, storage, k, s), lambda k, s: K.knn_topk_candidates(q, storage, k, s),
+                 lambda k, s: triton_ops.TritonBackend().knn_topk(q, storage, k, s),
+                 lambda k, s: L.iscse_loss_forward(q, q, q, storage, s, k, 0.05, 2.0)):
+        with pytest.raises(ValueError, match=r"k=5 is larger than the 4 buffer rows .*own slot excluded"):
+            call(M, own)
+        with pytest.raises(ValueError, match=r"k=6 is larger than the 5 buffer rows"):
+            call(M + 1, None)
+        with pytest.raises(ValueError, match=r"k must be an int in \[1, 256\]"):
+            call(0, None)
+    _, idx = K.knn_topk(q, storage, M - 1, own)
+    for i in range(B):
+        assert sorted(idx[i].tolist()) == [s for s in range(M) if s != own[i]]
+    _, idx = K.knn_topk(q, storage, M, None)
+    assert all(sorted(row) == list(range(M)) for row in idx.tolist())
+    _, _, idx, _, _ = S.smooth_forward(q, storage, M - 1, 2.0, candidates=K.knn_topk_candidates(q, storage, M - 1, own))
+    assert all(sorted(row) == sorted(set(row)) and len(row) == M - 1 for row in idx.tolist())
+
+
+def _wide_view(rows, stride, transpose=False):
+    """``rows`` (``(n, d)``) copied into a view whose row stride (or, ``transpose``, feature stride) is ``stride``
+    elements, so that ``(n - 1) * stride`` (``(d - 1) * stride``) reaches ``2**31``. The storage is allocated and never
+    written but for the view's elements: the OS commits only the pages touched (a few MiB of the 4 GiB here)."""
+    n, d = rows.shape
+    try:
+        base = torch.empty(stride * ((d if transpose else n) - 1) + (n if transpose else d), dtype=rows.dtype)
+    except RuntimeError as exc:  # an OS that commits memory at allocation time
+        pytest.skip(f"cannot reserve the address space for a {stride}-element stride: {exc}")
+    view = base.as_strided((n, d), (1, stride) if transpose else (stride, 1))
+    view.copy_(rows)
+    return view
+
+
+def test_offsets_past_two_to_the_31():
+    """Strided inputs whose element offsets reach ``2**31`` (int32 offsets wrapped there, and the kernels read
+    another address: a crash under the interpreter): ``z = h[:, 0]``-like views with ``(B - 1) * stride = 2**31``
+    and a transposed buffer with ``(D - 1) * stride = 2**31`` give exactly the results of contiguous copies, in the
+    kNN, the smooth op, the dual InfoNCE and the fused step (forward and backward)."""
+    stride = 2**30
+    B, D, M, k = 3, 3, 11, 4
+    dt = torch.bfloat16  # half the address space of fp32
+    z1, z2 = torch.randn(B, D).to(dt), torch.randn(B, D).to(dt)
+    rows = torch.nn.functional.normalize(torch.randn(M, D), dim=1).to(dt)
+    w1, w2, wbuf = _wide_view(z1, stride), _wide_view(z2, stride), _wide_view(rows, stride, transpose=True)
+    assert (B - 1) * w1.stride(0) >= 2**31 and (D - 1) * wbuf.stride(1) >= 2**31
+    assert_triton_ops_equal((w1, w2, wbuf), (z1, z2, rows), k)

@@ -23,22 +23,28 @@ buffer, and the backward launch only scales and adds (six). No host synchronisat
 branch on device values: ``grad_output`` is read by the kernels from device memory), so a step can be captured in
 a CUDA graph.
 
-Contract at the boundary: CUDA tensors (or CPU tensors when Triton runs in its interpreter, ``TRITON_INTERPRET=1``
-set before ``triton`` is first imported: that is how CI tests the kernels); embeddings fp32/bf16/fp16 and buffers
-fp32/bf16/fp16 (float64 raises ``TypeError``: use ``backend="torch"``); ``1 <= k <= 256``. Inputs are read through
-their strides; nothing is copied except a non-contiguous ``idx`` or ``grad z*`` (and, in the interpreter only, a
-query of another dtype than the buffer). Losses are fp32 scalars, ``z*`` fp32, gradients in
-the inputs' dtypes. The forward keeps the gathered neighbour rows (``B x k x D``, buffer dtype) for backward, as
-the torch backend does, or, where they are large, makes in forward everything that reads them; either way the
-buffer may be pushed to again before the backward. ``aggregation="mean"`` (the
-paper's ablation) is a ``MEAN`` constexpr of the smooth kernels (uniform weights ``1 / (k + 1)``); ``grouping="pddp"``
-has no Triton version (:func:`iscse.iscse_loss` routes it to :mod:`iscse.pddp`).
+Contract at the boundary: CUDA tensors (or CPU tensors when Triton runs in its interpreter, ``TRITON_INTERPRET=1`` set
+before ``triton`` is first imported: that is how CI tests the kernels); embeddings fp32/bf16/fp16 and buffers
+fp32/bf16/fp16 (float64 raises ``TypeError``: use ``backend="torch"``); ``1 <= k <= 256``, and for the kNN at most the
+rows that can be neighbours (``ValueError`` otherwise). Every launch happens with the inputs' CUDA device current
+(Triton launches on the current device and stream). Inputs are read through their strides (int64 offsets); nothing is
+copied except a non-contiguous ``idx`` or ``grad z*`` (and, in the interpreter only, a query of another dtype than the
+buffer). Losses are fp32 scalars, ``z*`` fp32, gradients in the inputs' dtypes. The forward keeps the gathered neighbour
+rows (``B x k x D``, buffer dtype) for backward, as the torch backend does, or, where they are large, makes in forward
+everything that reads them; either way the buffer may be pushed to again before the backward. ``aggregation="mean"``
+(the paper's ablation) is a ``MEAN`` constexpr of the smooth kernels (uniform weights ``1 / (k + 1)``);
+``grouping="pddp"`` has no Triton version (:func:`iscse.iscse_loss` routes it to :mod:`iscse.pddp`). First-order
+gradients only: a backward with ``create_graph=True`` (double backward) raises ``RuntimeError`` instead of returning
+gradients without a graph; use ``backend="torch"`` there.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 from typing import Optional
 
 import torch
+from torch.autograd.function import once_differentiable
 
 try:
     import triton  # noqa: F401  (the import that fails when Triton is missing)
@@ -61,7 +67,7 @@ __all__ = ["TritonBackend", "knn_topk", "smooth", "info_nce", "SmoothFunction", 
 INTERPRETED = not isinstance(_knn._knn_chunk_kernel, JITFunction)
 
 #: Largest supported k (the running top-k lives in registers, ``BLOCK_B x next_power_of_2(k)``).
-MAX_K = 256
+MAX_K = _knn.MAX_K
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -85,15 +91,46 @@ def _check_k(k: int) -> None:
         raise ValueError(f"backend='triton' supports k <= {MAX_K}, got k={k}; use backend='torch' for larger k")
 
 
+def _on_device(t: torch.Tensor):
+    """The context to launch kernels in for tensors like ``t``: its CUDA device made current
+    (``torch.cuda.device``), since Triton launches on the current device and stream whatever the pointers are
+    (tensors on ``cuda:1`` while ``cuda:0`` is current would be read through another device's context); a no-op
+    context for CPU tensors (the interpreter) and ``meta`` ones."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def _first_order(backward):
+    """Decorator for the Functions' ``backward``: ``once_differentiable``, and an immediate ``RuntimeError`` under
+    ``create_graph=True`` (grad mode is on in a backward exactly then). The kernels' gradients carry no graph, so a
+    second derivative through them would be silently wrong (zero); ``once_differentiable`` alone raises only when
+    the incoming gradients require grad, not for the usual ``torch.autograd.grad(loss, z, create_graph=True)``
+    whose incoming gradient is a constant."""
+    inner = once_differentiable(backward)
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "backend='triton' has no double backward: its gradients are computed by kernels and carry no graph, "
+                "so a backward with create_graph=True (second derivatives, gradient penalties, Hessian-vector "
+                "products) would be silently wrong; use backend='torch' for that")
+        return inner(ctx, *grads)
+
+    return wrapper
+
+
 def knn_topk(q: torch.Tensor, storage: torch.Tensor, k: int, self_slots: Optional[torch.Tensor] = None):
     """Top-``k`` slots of ``storage`` ``(M, D)`` by dot product with each row of ``q`` ``(B, D)``, the query's own
     slot (``self_slots``, int64 ``(B,)``) excluded. Returns fp32 ``vals`` (exact fp32 dot products) and int64
-    ``idx``, each ``(B, k)``, sorted by descending value. Not differentiable."""
+    ``idx``, each ``(B, k)``, sorted by descending value. Not differentiable. ``ValueError`` when ``k`` exceeds the
+    rows that can be neighbours (``M``, or ``M - 1`` with ``self_slots``), where the result would repeat a slot."""
     _check(q=q, storage=storage)
     _check_k(k)
+    _knn.check_k(k, storage.shape[0], self_slots is not None)
     if self_slots is not None:
         self_slots = self_slots.contiguous()
-    return _knn.knn_topk(q.detach(), storage, k, self_slots)
+    with _on_device(q):
+        return _knn.knn_topk(q.detach(), storage, k, self_slots)
 
 
 class SmoothFunction(torch.autograd.Function):
@@ -104,17 +141,20 @@ class SmoothFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, storage, idx, vals, attn_temperature: float, mean: bool = False):
-        z_star, w, _, _, nb = _smooth.smooth_forward(q.detach(), storage, idx.shape[1], attn_temperature, idx=idx,
-                                                     vals=vals.detach(), mean=mean)
+        with _on_device(q):
+            z_star, w, _, _, nb = _smooth.smooth_forward(q.detach(), storage, idx.shape[1], attn_temperature,
+                                                         idx=idx, vals=vals.detach(), mean=mean)
         ctx.save_for_backward(q, nb, w)
         ctx.attn_temperature = attn_temperature
         ctx.mean = mean
         return z_star
 
     @staticmethod
+    @_first_order
     def backward(ctx, grad_z):
         q, nb, w = ctx.saved_tensors
-        grad_q = _smooth.smooth_backward(grad_z, q.detach(), nb, w, ctx.attn_temperature, ctx.mean)
+        with _on_device(q):
+            grad_q = _smooth.smooth_backward(grad_z, q.detach(), nb, w, ctx.attn_temperature, ctx.mean)
         return grad_q, None, None, None, None, None
 
 
@@ -134,12 +174,14 @@ class InfoNCEFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, a, b, temperature: float):
-        loss, _, ga, gb, _, _ = _nce.info_nce_forward(a.detach(), b.detach(), None, temperature)
+        with _on_device(a):
+            loss, _, ga, gb, _, _ = _nce.info_nce_forward(a.detach(), b.detach(), None, temperature)
         ctx.save_for_backward(ga, gb)
         ctx.dtypes = (a.dtype, b.dtype)
         return loss
 
     @staticmethod
+    @_first_order
     def backward(ctx, grad_out):
         ga, gb = ctx.saved_tensors
         return (ga * grad_out).to(ctx.dtypes[0]), (gb * grad_out).to(ctx.dtypes[1]), None
@@ -170,9 +212,10 @@ class ISCSELossFunction(torch.autograd.Function):
                 smooth: bool, mean: bool = False):
         ctx.set_materialize_grads(False)
         z1, z2, q2 = z1.detach(), z2.detach(), q2.detach()
-        loss_cl, loss_s, state = _loss.iscse_loss_forward(
-            z1, z2, q2, storage, self_slots, k, temperature, attn_temperature, idx=idx, smooth=smooth, mean=mean,
-            grads=any(ctx.needs_input_grad[:2]))
+        with _on_device(z1):
+            loss_cl, loss_s, state = _loss.iscse_loss_forward(
+                z1, z2, q2, storage, self_slots, k, temperature, attn_temperature, idx=idx, smooth=smooth,
+                mean=mean, grads=any(ctx.needs_input_grad[:2]))
         ctx.smooth = smooth
         ctx.attn_temperature = attn_temperature
         ctx.mean = mean
@@ -184,6 +227,7 @@ class ISCSELossFunction(torch.autograd.Function):
         return loss_cl, loss_s
 
     @staticmethod
+    @_first_order
     def backward(ctx, g_cl, g_s):
         none = (None,) * 9
         if not ctx.smooth:
@@ -193,8 +237,9 @@ class ISCSELossFunction(torch.autograd.Function):
         state = _loss.unpack(ctx.saved_tensors, ctx.meta)
         g_cl = g_cl.float() if g_cl is not None else None
         g_s = g_s.float() if g_s is not None else None
-        grad_z1, grad_z2 = _loss.iscse_loss_backward(g_cl, g_s, state, ctx.attn_temperature, ctx.mean,
-                                                     dtypes=ctx.dtypes)
+        with _on_device(state.passes.x if isinstance(state, _loss.Held) else state.grads[0]):
+            grad_z1, grad_z2 = _loss.iscse_loss_backward(g_cl, g_s, state, ctx.attn_temperature, ctx.mean,
+                                                         dtypes=ctx.dtypes)
         return (grad_z1 if ctx.needs_input_grad[0] else None, grad_z2 if ctx.needs_input_grad[1] else None) + none
 
 
