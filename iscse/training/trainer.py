@@ -297,8 +297,9 @@ class ISCSETrainer(CheckpointHooks):
         torch.save(self.args, folder / "training_args.bin")
 
     def save_checkpoint(self, model, trial) -> None:
-        """Called on every process at a save step. The library's checkpoint, written into a staging folder, completed with the IS-CSE state and a manifest,
-        flushed and renamed into ``output_dir/checkpoint-N`` in one step; then older ones are rotated out."""
+        """Called on every process at a save step. The library's checkpoint, written into a staging folder,
+        completed with the IS-CSE state and a manifest, flushed and renamed into ``output_dir/checkpoint-N`` in one
+        step; then older ones are rotated out."""
         self._check_replicas_agree()
         self.metrics.flush()
         step = self.state.global_step
@@ -331,8 +332,8 @@ class ISCSETrainer(CheckpointHooks):
         self.accelerator.wait_for_everyone()
 
     def load_checkpoint(self, resume_from_checkpoint: str) -> None:
-        """At the start of a resumed ``train()``: load the encoder's weights and the IS-CSE memory buffer from a checkpoint (the optimizer, scheduler,
-        scaler, RNG and trainer state are the library's)."""
+        """At the start of a resumed ``train()``: load the encoder's weights and the IS-CSE memory buffer from a
+        checkpoint (the optimizer, scheduler, scaler, RNG and trainer state are the library's)."""
         import json
 
         folder = Path(resume_from_checkpoint)
