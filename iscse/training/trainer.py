@@ -108,7 +108,8 @@ class ISCSETrainer(CheckpointHooks):
         tokenizer = model.encoder.tokenizer
         super().__init__(
             model=model, args=args, train_dataset=train_dataset,
-            # the Trainer refuses eval_strategy "steps" without an eval set; this is what evaluate() reads
+            # The library refuses eval_strategy "steps" without an eval_dataset, and its evaluation loop is not used:
+            # evaluate() (overridden, public) scores the SentEval folder named here.
             eval_dataset=[data_dir] if data_dir else None,
             data_collator=functools.partial(collate_sentences, pad_token_id=tokenizer.pad_token_id,
                                             padding_side=tokenizer.padding_side),
