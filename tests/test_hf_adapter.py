@@ -47,6 +47,15 @@ def test_a_changed_signature_is_named_with_the_tested_versions(monkeypatch):
     assert any("no Trainer._load_from_checkpoint" in p for p in problems)
 
 
+def test_a_dropped_keyword_of_rotate_checkpoints_is_named(monkeypatch):
+    from transformers import trainer_utils
+
+    monkeypatch.setattr(trainer_utils, "rotate_checkpoints", lambda output_dir, save_total_limit=None: None)
+    problems = A.signature_problems()
+    assert len(problems) == 1 and "rotate_checkpoints(output_dir, save_total_limit) lacks best_model_checkpoint, " \
+        "use_mtime" in problems[0], problems
+
+
 def test_the_trainer_overrides_no_other_private_method():
     from iscse.training.trainer import ISCSETrainer
 
@@ -58,7 +67,8 @@ def test_the_trainer_overrides_no_other_private_method():
 
 
 @pytest.mark.parametrize("pattern", [r"\._n_gpu\b", r"\._actions\b", r"training_bar", r"\._fingerprint\b",
-                                     r"_save_checkpoint", r"_load_from_checkpoint", r"\b_save\("])
+                                     r"_save_checkpoint", r"_load_from_checkpoint", r"\b_save\(",
+                                     r"trainer_utils"])
 def test_no_trainer_module_touches_what_the_adapter_replaced(pattern):
     found = [f"{p.name}:{i}" for p in sorted((ROOT / "iscse" / "training").glob("*.py")) if p.name != "_hf_adapter.py"
              for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if re.search(pattern, line)]

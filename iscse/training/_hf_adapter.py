@@ -19,6 +19,8 @@ public equivalent:
   ``SentenceEncoder`` folder (the backbone's weights under the backbone's own names, the MLP as its pooler, the
   sentence-transformers stages) and the IS-CSE memory buffer, and no public hook is given the checkpoint folder (``on_train_begin`` gets no path). Replacing the loader
   is the one way to load the weights once, from the right files, before the optimizer state is restored.
+- :func:`rotate_checkpoints`: ``transformers.trainer_utils.rotate_checkpoints`` (not in the documented API) rotates
+  the published checkpoints (:data:`UNDOCUMENTED_FUNCTIONS`: the keywords passed are checked).
 - :func:`one_gpu_per_process`: ``TrainingArguments.n_gpu`` reads the private ``_n_gpu`` (the library sets it the same
   way itself for model-parallel models); without it one process on a machine with several GPUs wraps the model in
   ``nn.DataParallel`` and multiplies the batch by the GPU count.
@@ -30,11 +32,12 @@ from this file.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from transformers import Trainer
 
-__all__ = ["TESTED_TRANSFORMERS", "TRANSFORMERS_REQUIREMENT", "PRIVATE_METHODS", "signature_problems",
+__all__ = ["TESTED_TRANSFORMERS", "TRANSFORMERS_REQUIREMENT", "PRIVATE_METHODS", "UNDOCUMENTED_FUNCTIONS",
+           "signature_problems", "rotate_checkpoints",
            "CheckpointHooks", "one_gpu_per_process"]
 
 #: The transformers versions the trainer was run and tested on (5.17: the GPU machine; 5.24: the CPU machine and CI).
@@ -48,6 +51,11 @@ PRIVATE_METHODS: Dict[str, Tuple[str, ...]] = {
     "_save_checkpoint": ("self", "model", "trial"),
     "_load_from_checkpoint": ("self", "resume_from_checkpoint", "model"),
     "save_model": ("self", "output_dir", "_internal_call"),
+}
+#: ``transformers.trainer_utils`` functions outside the documented API that the trainer calls, with the keywords it
+#: passes (``rotate_checkpoints``: the library's rotation, run after a checkpoint is published).
+UNDOCUMENTED_FUNCTIONS: Dict[str, Tuple[str, ...]] = {
+    "rotate_checkpoints": ("output_dir", "save_total_limit", "best_model_checkpoint", "use_mtime"),
 }
 
 
@@ -70,6 +78,16 @@ def signature_problems() -> List[str]:
             problems.append(f"transformers {transformers.__version__} changed Trainer.{name}{_sig(found)}; iscse's "
                             f"trainer expects {name}{_sig(expected)} (tested with transformers {tested}); see "
                             "iscse/training/_hf_adapter.py")
+    from transformers import trainer_utils
+
+    for name, keywords in UNDOCUMENTED_FUNCTIONS.items():
+        function = getattr(trainer_utils, name, None)
+        found = () if function is None else tuple(inspect.signature(function).parameters)
+        missing = [k for k in keywords if k not in found]
+        if missing:
+            problems.append(f"transformers {transformers.__version__}: trainer_utils.{name}"
+                            f"{_sig(found) if function is not None else ' is gone'} lacks {', '.join(missing)} "
+                            f"(iscse's trainer passes them; tested with transformers {tested})")
     try:
         reads_n_gpu = "_n_gpu" in inspect.getsource(TrainingArguments.n_gpu.fget)
     except (OSError, TypeError):  # no source shipped: nothing to compare
@@ -107,6 +125,15 @@ class CheckpointHooks(Trainer):
             Trainer._save_checkpoint(self, model, trial)
         finally:
             self.args.output_dir = real
+
+
+def rotate_checkpoints(output_dir: Any, save_total_limit: Optional[int]) -> None:
+    """Delete all but the newest ``save_total_limit`` ``checkpoint-N`` folders of ``output_dir`` (None: keep all),
+    by step number (not modification time), with the library's rotation."""
+    from transformers.trainer_utils import rotate_checkpoints as library_rotate
+
+    library_rotate(output_dir=str(output_dir), save_total_limit=save_total_limit, best_model_checkpoint=None,
+                   use_mtime=False)
 
 
 def one_gpu_per_process(args: Any) -> None:

@@ -42,13 +42,12 @@ from typing import Any, Dict, Optional, Sequence, Union
 import torch
 import torch.distributed as dist
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
-from transformers.trainer_utils import rotate_checkpoints
 
 from .. import __version__
 from .data import EpochBatchSampler, collate_sentences
 from .distributed import gather_with_grad, is_distributed
 from ..evaluation.encoder import SentenceEncoder
-from ._hf_adapter import CheckpointHooks, signature_problems
+from ._hf_adapter import CheckpointHooks, rotate_checkpoints, signature_problems
 from .arguments import ISCSETrainingArguments, settings_of
 from .callbacks import MetricsLog, QuietProgress, RankSeed, StopOnSignal
 from .checkpoints import publish, write_manifest
@@ -327,8 +326,7 @@ class ISCSETrainer(CheckpointHooks):
                 "iscse_version": __version__, "saved_at": time.time()})
             publish(staged, self.out / name)
             shutil.rmtree(staging, ignore_errors=True)
-            rotate_checkpoints(output_dir=str(self.out), save_total_limit=self.args.save_total_limit,
-                               best_model_checkpoint=None, use_mtime=False)
+            rotate_checkpoints(self.out, self.args.save_total_limit)
             logger.info("saved checkpoint %s", self.out / name)
         self.accelerator.wait_for_everyone()
 
