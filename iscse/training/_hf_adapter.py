@@ -1,24 +1,25 @@
 """Every use of ``transformers``' private code by the trainer, in one place, with the versions it was checked on.
 
-The trainer uses public hooks wherever one does the job (``Trainer.save_model``, ``Trainer.train``,
-``TrainerCallback`` events, ``TrainingArguments`` fields, ``argparse``'s public calls). What is left here has no
-public equivalent:
+The trainer uses public hooks wherever one does the job (``Trainer.save_model``, ``TrainerCallback`` events,
+``TrainingArguments`` fields, ``argparse``'s public calls). What is left here has no public equivalent:
 
 - :class:`CheckpointHooks` overrides ``Trainer._save_checkpoint`` and ``Trainer._load_from_checkpoint`` (and
   nothing else) and hands them to the subclass's public ``save_checkpoint`` / ``load_checkpoint``.
 - :meth:`CheckpointHooks.library_checkpoint_into`: the library's ``Trainer._save_checkpoint`` run with
-  ``args.output_dir`` pointing at a staging folder. A checkpoint must appear complete or not at all (``iscse.training.checkpoints``): the library's files go
-  into a hidden staging folder, the trainer adds its own state and the manifest last, and one rename publishes it.
-  ``on_save`` cannot do this: the library has by then written ``checkpoint-N`` in place (a re-save of the same step
-  after a fallback resume overwrites an older complete checkpoint file by file, under its still-valid manifest) and
-  rotated older checkpoints out (with ``--save_total_limit 1`` the last complete one, before the new one is). The
-  library writes into ``args.output_dir`` (``Trainer._get_output_dir``, private too) and has no argument for
-  another folder, so the field is pointed at the staging folder for the call and put back after it.
+  ``args.output_dir`` pointing at a staging folder. A checkpoint must appear complete or not at all
+  (``iscse.training.checkpoints``): the library's files go into a hidden staging folder, the trainer adds its own
+  state and the manifest last, and one rename publishes it. ``on_save`` cannot do this: by then the library has
+  written ``checkpoint-N`` in place (a re-save of the same step after a fallback resume would overwrite an older
+  complete checkpoint file by file, a mix of old and new files under its old manifest) and rotated older
+  checkpoints out (with ``--save_total_limit 1``, the last complete one before the new one is complete). The
+  library writes into ``args.output_dir`` (through ``Trainer._get_output_dir``, private too) and takes no other
+  folder, so the field points at the staging folder for the call and is put back after it.
 - ``Trainer._load_from_checkpoint`` is replaced, not extended: the library's loader reads the checkpoint's
   ``model.safetensors`` by the state-dict names of the model it is given, but a checkpoint holds a
   ``SentenceEncoder`` folder (the backbone's weights under the backbone's own names, the MLP as its pooler, the
-  sentence-transformers stages) and the IS-CSE memory buffer, and no public hook is given the checkpoint folder (``on_train_begin`` gets no path). Replacing the loader
-  is the one way to load the weights once, from the right files, before the optimizer state is restored.
+  sentence-transformers stages) and the IS-CSE memory buffer, and no public hook is given the checkpoint folder
+  (``on_train_begin`` gets no path). Replacing the loader is the one way to load the weights once, from the right
+  files, before the optimizer state is restored.
 - :func:`rotate_checkpoints`: ``transformers.trainer_utils.rotate_checkpoints`` (not in the documented API) rotates
   the published checkpoints (:data:`UNDOCUMENTED_FUNCTIONS`: the keywords passed are checked).
 - :func:`one_gpu_per_process`: ``TrainingArguments.n_gpu`` reads the private ``_n_gpu`` (the library sets it the same
@@ -37,8 +38,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from transformers import Trainer
 
 __all__ = ["TESTED_TRANSFORMERS", "TRANSFORMERS_REQUIREMENT", "PRIVATE_METHODS", "UNDOCUMENTED_FUNCTIONS",
-           "signature_problems", "rotate_checkpoints",
-           "CheckpointHooks", "one_gpu_per_process"]
+           "signature_problems", "CheckpointHooks", "rotate_checkpoints", "one_gpu_per_process"]
 
 #: The transformers versions the trainer was run and tested on (5.17: the GPU machine; 5.24: the CPU machine and CI).
 TESTED_TRANSFORMERS: Tuple[str, ...] = ("5.17", "5.24")
@@ -61,7 +61,8 @@ UNDOCUMENTED_FUNCTIONS: Dict[str, Tuple[str, ...]] = {
 
 def signature_problems() -> List[str]:
     """One sentence for each :data:`PRIVATE_METHODS` entry whose parameters differ in the installed
-    ``transformers`` (and for ``TrainingArguments`` no longer reading ``_n_gpu``); empty when all match."""
+    ``transformers``, each :data:`UNDOCUMENTED_FUNCTIONS` entry lacking a keyword, and ``TrainingArguments.n_gpu``
+    no longer reading ``_n_gpu``; empty when all match."""
     import transformers
     from transformers import TrainingArguments
 
