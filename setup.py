@@ -12,6 +12,11 @@ from setuptools import find_packages, setup
 VERSION = re.search(r'^__version__ = "([^"]+)"', Path(__file__).with_name("iscse").joinpath("__init__.py")
                     .read_text(encoding="utf-8"), re.M).group(1)
 
+# transformers for the trainer: the versions it was tested with, stated once in iscse/training/_hf_adapter.py (the
+# trainer overrides two private Trainer methods there; tests/test_hf_adapter.py checks their signatures).
+TRANSFORMERS = re.search(r'^TRANSFORMERS_REQUIREMENT = "([^"]+)"', Path(__file__).parent.joinpath(
+    "iscse", "training", "_hf_adapter.py").read_text(encoding="utf-8"), re.M).group(1)
+
 # torch: a range that the CPU build 2.13.0 satisfies, so a machine that installed it first installs nothing more,
 # and that still admits the 2.11 builds found on GPU machines.
 TORCH = "torch>=2.4,<2.14"
@@ -20,10 +25,9 @@ EXTRAS = {
     "triton": ["triton>=3.0"],
     "faiss": ["faiss-cpu>=1.8"],
     "faiss-gpu": ["faiss-gpu>=1.8"],
-    # Everything python -m iscse.train / iscse.evaluate import. The trainer subclasses transformers.Trainer and
-    # wraps a few of its methods (_save, _save_checkpoint, _load_from_checkpoint): checked against 5.17 and 5.24;
-    # accelerate is what transformers.Trainer runs on.
-    "train": ["transformers>=5.17", "accelerate>=1.1", "datasets>=2.18", "huggingface_hub>=0.34", "tqdm>=4.60",
+    # Everything python -m iscse.train / iscse.evaluate import. The trainer subclasses transformers.Trainer
+    # (TRANSFORMERS above); accelerate is what transformers.Trainer runs on.
+    "train": [TRANSFORMERS, "accelerate>=1.1", "datasets>=2.18", "huggingface_hub>=0.34", "tqdm>=4.60",
               "safetensors>=0.4", "sentence-transformers>=3.0"],
     "bench": ["pytest-benchmark>=4.0", "matplotlib>=3.7"],
     # iscse.integrations.sentence_transformers: what SentenceTransformerTrainer needs (its own "train" extra).

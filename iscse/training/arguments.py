@@ -243,7 +243,9 @@ class ISCSETrainingArguments(TrainingArguments):
         if not self.use_cpu and self.parallel_mode.value == "not_distributed":
             # One process drives one GPU; several GPUs are for torchrun (DDP). Without this, the Hugging Face
             # trainer would wrap the model in nn.DataParallel and multiply the batch by the GPU count.
-            self._n_gpu = 1
+            from ._hf_adapter import one_gpu_per_process
+
+            one_gpu_per_process(self)
 
     @property
     def dev_tasks(self) -> Tuple[str, ...]:
@@ -283,28 +285,45 @@ def settings_of(args: ISCSETrainingArguments) -> Dict[str, Any]:
 
 
 class _Parser(HfArgumentParser):
-    """``HfArgumentParser`` whose errors are one line (argparse would print the usage of ~150 flags first)."""
+    """``HfArgumentParser`` whose errors are one line (argparse would print the usage of ~150 flags first), whose
+    ``Optional[bool]`` flags mean True when given alone (``--tf32``, as a plain ``bool`` flag does), and which
+    records the option strings it has (:attr:`flags`). ``explicit_only``: no flag has a default, so that parsing
+    returns only the flags given."""
+
+    def __init__(self, *args: Any, explicit_only: bool = False, **kwargs: Any) -> None:
+        self.flags: set = set()
+        self.explicit_only = explicit_only
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args: Any, **kwargs: Any):  # noqa: D102 - argparse API
+        from transformers.hf_argparser import string_to_bool
+
+        if kwargs.get("type") is string_to_bool and "nargs" not in kwargs:
+            # HfArgumentParser gives an Optional[bool] field defaulting to None no nargs, so "--flag" alone would be
+            # an error; a bool field's "?" / const True is what the command line expects.
+            kwargs.update(nargs="?", const=True)
+        if self.explicit_only:
+            kwargs["default"] = argparse.SUPPRESS
+        action = super().add_argument(*args, **kwargs)
+        self.flags.update(action.option_strings)
+        return action
 
     def error(self, message: str) -> None:  # noqa: D401 - argparse API
         raise ConfigError(f"{message} (python -m iscse.train --help lists the flags)")
 
 
-def build_parser() -> HfArgumentParser:
+def build_parser(explicit_only: bool = False) -> HfArgumentParser:
     """The command-line parser: one flag per field of :class:`ISCSETrainingArguments`, plus ``--no-X`` /
-    ``--no_X`` for every on/off flag and ``--version``."""
+    ``--no_X`` for every on/off flag and ``--version``. ``explicit_only``: without defaults (parsing returns the
+    flags given, nothing else)."""
     from .. import __version__
 
-    parser = _Parser(ISCSETrainingArguments, prog="python -m iscse.train",
+    parser = _Parser(ISCSETrainingArguments, explicit_only=explicit_only, prog="python -m iscse.train",
                      description="IS-CSE / SimCSE training on transformers.Trainer (unsupervised on a text file, "
                                  "or supervised on a CSV / JSONL of pairs or triples), with STS-B dev "
                                  "model selection. --preset fills in a paper run (or the CPU demo); flags override "
                                  "it. The IS-CSE flags come last in this list.")
-    from transformers.hf_argparser import string_to_bool
-
-    for action in parser._actions:
-        if action.type is string_to_bool and action.nargs is None:  # Optional[bool] fields: --flag alone means True
-            action.nargs, action.const = "?", True
-    taken = {opt for action in parser._actions for opt in action.option_strings}
+    taken = set(parser.flags)
     for f in dataclasses.fields(ISCSETrainingArguments):
         if f.init and f.type in (bool, Optional[bool]):
             names = [n for n in (f"--no-{f.name}", f"--no_{f.name}", f"--no-{f.name.replace('_', '-')}")
@@ -319,11 +338,7 @@ def build_parser() -> HfArgumentParser:
 
 def _explicit(argv: Sequence[str]) -> Dict[str, Any]:
     """The settings given on the command line itself (nothing from defaults)."""
-    parser = build_parser()
-    for action in parser._actions:
-        if action.dest != "help" and not isinstance(action, argparse._VersionAction):
-            action.default = argparse.SUPPRESS
-    return vars(parser.parse_args(list(argv)))
+    return vars(build_parser(explicit_only=True).parse_args(list(argv)))
 
 
 def _differs(a: Any, b: Any) -> bool:

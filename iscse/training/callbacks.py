@@ -7,8 +7,8 @@
   checkpoint), when they are read back with one sync.
 - :class:`StopOnSignal`: Ctrl-C (SIGINT) or SIGTERM finishes the current step, saves a checkpoint and stops; a
   second Ctrl-C stops at once. Under DDP the ranks agree at logging steps.
-- :class:`QuietProgress`: the Hugging Face progress bar without the dict it prints at every log (the log line of
-  :class:`MetricsLog` says the same, readably).
+- :class:`QuietProgress`: a progress bar of the optimizer steps showing the loss, in place of the Hugging Face bar
+  and the dict it prints at every log (the log line of :class:`MetricsLog` says the same, readably).
 - :class:`RankSeed`: process ``r`` draws its dropout masks from ``seed + r`` (the library seeds every process
   alike), so the processes of a data-parallel run do not share masks.
 """
@@ -25,7 +25,6 @@ from typing import Any, Dict, List, Optional
 
 import torch
 from transformers import TrainerCallback
-from transformers.trainer_callback import ProgressCallback
 
 from .distributed import any_flag
 
@@ -174,12 +173,35 @@ class StopOnSignal(TrainerCallback):
         self._old.clear()
 
 
-class QuietProgress(ProgressCallback):
-    """``transformers``' progress bar, showing the loss in the bar instead of printing every log dict."""
+class QuietProgress(TrainerCallback):
+    """A ``tqdm`` bar of the optimizer steps on the main process (a resumed run's bar starts at its step), showing
+    the loss of each log; the library's own bar would print every log dict as well. Built from public callback
+    events only (the library's ``ProgressCallback`` keeps its bar in an undocumented attribute)."""
+
+    def __init__(self) -> None:
+        self.bar = None
+        self._shown = 0  # the step the bar shows
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=state.max_steps, dynamic_ncols=True)
+            self._shown = 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(state.global_step - self._shown)
+            self._shown = state.global_step
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if state.is_world_process_zero and self.training_bar is not None and logs and "loss" in logs:
-            self.training_bar.set_postfix(loss=f"{logs['loss']:.4f}", refresh=False)
+        if self.bar is not None and logs and "loss" in logs:
+            self.bar.set_postfix(loss=f"{logs['loss']:.4f}", refresh=False)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 class RankSeed(TrainerCallback):

@@ -118,9 +118,6 @@ def find_checkpoint(path: str | os.PathLike, flag: str = "--resume_from") -> Pat
         raise ConfigError(f"{flag} {str(path)!r} cannot be resumed: {problem}; {hint}")
     candidates = list_checkpoints(p)
     if not candidates:
-        if (p / "checkpoints").is_dir():
-            raise ConfigError(f"{flag} {str(path)!r} holds checkpoints/step-N folders of iscse 0.1's trainer, which "
-                              "this version cannot resume; start a new run")
         raise ConfigError(f"{flag} {str(path)!r} holds no checkpoint (checkpoint-N folders, written every "
                           "--save_steps)")
     skipped = []

@@ -377,11 +377,13 @@ def load_train_dataset(train_file: str | os.PathLike, tokenizer: Any, max_seq_le
             sentences = [s if s is not None else " " for s in examples[column]]
             return tokenizer(sentences, max_length=max_seq_length, truncation=True, padding=False)
 
-        # The fingerprint names the cached Arrow file: the raw data's own fingerprint (file path, size and mtime)
-        # plus the tokenizer and length, so the cache is reused exactly when the result would be the same.
+        # The fingerprint names the cached Arrow file: the file's identity and content stamp (path, size, mtime),
+        # the tokenizer and the length, so the cache is reused exactly when the result would be the same (as for
+        # CSV / JSONL below; the raw dataset's own fingerprint is a private attribute of datasets).
+        st = path.stat()
         fingerprint = hashlib.sha256(
-            f"{raw._fingerprint}|{tokenizer_fingerprint(tokenizer)}|{max_seq_length}|iscse-v1".encode()
-        ).hexdigest()[:16]
+            f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{tokenizer_fingerprint(tokenizer)}|{max_seq_length}|"
+            f"iscse-v2".encode()).hexdigest()[:16]
         return raw.map(tokenize, batched=True, batch_size=1000, num_proc=num_proc, remove_columns=raw.column_names,
                        load_from_cache_file=not overwrite_cache, new_fingerprint=fingerprint,
                        desc="Tokenizing")

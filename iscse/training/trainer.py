@@ -22,9 +22,11 @@ scheduler and scaler, their rotation, resuming (including skipping the batches a
 - :meth:`evaluate`: STS-B dev (and SICK-R dev when present) with the SentEval protocol, on the main process, under
   a forked RNG (evaluation never changes the training trajectory); the best model by STS-B dev goes to
   ``output_dir/model``.
-- :meth:`_save_checkpoint` / :meth:`_load_from_checkpoint`: the memory buffer saved and restored with each
-  checkpoint; checkpoints written atomically (:mod:`iscse.training.checkpoints`); replicas checked to hold the same
-  buffer before a save.
+- :meth:`save_checkpoint` / :meth:`load_checkpoint`: the memory buffer saved and restored with each checkpoint;
+  checkpoints written atomically (:mod:`iscse.training.checkpoints`); replicas checked to hold the same buffer
+  before a save. The library reaches them through :class:`~iscse.training._hf_adapter.CheckpointHooks`, the one
+  place that overrides ``transformers.Trainer``'s private methods (and says why).
+- :meth:`save_model`: the model as a ``SentenceEncoder`` folder.
 - callbacks (:mod:`iscse.training.callbacks`): ``metrics.jsonl`` and the log line, Ctrl-C, and per-rank dropout
   seeds (``seed + rank``; the library seeds every rank alike).
 """
@@ -39,14 +41,13 @@ from typing import Any, Dict, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
-from transformers import Trainer
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
-from transformers.trainer_utils import rotate_checkpoints
 
 from .. import __version__
 from .data import EpochBatchSampler, collate_sentences
 from .distributed import gather_with_grad, is_distributed
 from ..evaluation.encoder import SentenceEncoder
+from ._hf_adapter import CheckpointHooks, rotate_checkpoints, signature_problems
 from .arguments import ISCSETrainingArguments, settings_of
 from .callbacks import MetricsLog, QuietProgress, RankSeed, StopOnSignal
 from .checkpoints import publish, write_manifest
@@ -69,7 +70,7 @@ class EpochDataLoader(torch.utils.data.DataLoader):
         self.batch_sampler.set_epoch(epoch)
 
 
-class ISCSETrainer(Trainer):
+class ISCSETrainer(CheckpointHooks):
     """``transformers.Trainer`` for IS-CSE / SimCSE (see the module docstring).
 
     Args:
@@ -88,6 +89,8 @@ class ISCSETrainer(Trainer):
     def __init__(self, model: ISCSEModel, args: ISCSETrainingArguments, train_dataset, data_dir: Optional[str],
                  alpha: Union[float, StepAlpha] = 0.1, callbacks: Optional[Sequence[Any]] = None,
                  num_examples: Optional[int] = None) -> None:
+        for problem in signature_problems():  # a transformers version the trainer was not tested with
+            logger.warning("%s", problem)
         self.data_dir = data_dir
         self.alpha = alpha
         self.out = Path(args.output_dir)
@@ -104,7 +107,8 @@ class ISCSETrainer(Trainer):
         tokenizer = model.encoder.tokenizer
         super().__init__(
             model=model, args=args, train_dataset=train_dataset,
-            # the Trainer refuses eval_strategy "steps" without an eval set; this is what evaluate() reads
+            # The library refuses eval_strategy "steps" without an eval_dataset, and its evaluation loop is not used:
+            # evaluate() (overridden, public) scores the SentEval folder named here.
             eval_dataset=[data_dir] if data_dir else None,
             data_collator=functools.partial(collate_sentences, pad_token_id=tokenizer.pad_token_id,
                                             padding_side=tokenizer.padding_side),
@@ -281,18 +285,21 @@ class ISCSETrainer(Trainer):
 
     # ------------------------------------------------------------------ checkpoints
 
-    def _save(self, output_dir: Optional[str] = None, state_dict=None) -> None:
+    def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
         """The model as a ``SentenceEncoder`` folder (``AutoModel`` / ``SentenceTransformer`` load it too) and the
-        training arguments; written in place (checkpoints are published atomically by :meth:`_save_checkpoint`)."""
+        training arguments, in ``output_dir`` (default ``args.output_dir``); written in place (checkpoints are
+        published atomically by :meth:`save_checkpoint`). ``_internal_call``: the library's flag for its own calls
+        (a checkpoint); nothing is pushed anywhere either way."""
         if not self.args.should_save:  # the library calls this on every process
             return
         folder = Path(output_dir if output_dir is not None else self.args.output_dir)
         self.encoder.save_pretrained(folder, atomic=False)
         torch.save(self.args, folder / "training_args.bin")
 
-    def _save_checkpoint(self, model, trial) -> None:
-        """The library's checkpoint, written into a staging folder, completed with the IS-CSE state and a manifest,
-        flushed and renamed into ``output_dir/checkpoint-N`` in one step; then older ones are rotated out."""
+    def save_checkpoint(self, model, trial) -> None:
+        """Called on every process at a save step. The library's checkpoint, written into a staging folder,
+        completed with the IS-CSE state and a manifest, flushed and renamed into ``output_dir/checkpoint-N`` in one
+        step; then older ones are rotated out."""
         self._check_replicas_agree()
         self.metrics.flush()
         step = self.state.global_step
@@ -302,12 +309,7 @@ class ISCSETrainer(Trainer):
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
         self.accelerator.wait_for_everyone()
-        real_output_dir = self.args.output_dir
-        self.args.output_dir = str(staging)  # the library writes run_dir/checkpoint-N: here, into the staging folder
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self.args.output_dir = real_output_dir
+        self.library_checkpoint_into(str(staging), model, trial)  # writes staging/checkpoint-N
         self.accelerator.wait_for_everyone()
         if self.is_world_process_zero():
             staged = staging / name
@@ -324,14 +326,13 @@ class ISCSETrainer(Trainer):
                 "iscse_version": __version__, "saved_at": time.time()})
             publish(staged, self.out / name)
             shutil.rmtree(staging, ignore_errors=True)
-            rotate_checkpoints(output_dir=str(self.out), save_total_limit=self.args.save_total_limit,
-                               best_model_checkpoint=None, use_mtime=False)
+            rotate_checkpoints(self.out, self.args.save_total_limit)
             logger.info("saved checkpoint %s", self.out / name)
         self.accelerator.wait_for_everyone()
 
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        """Load the encoder's weights and the IS-CSE memory buffer from a checkpoint (the optimizer, scheduler,
-        scaler, RNG and trainer state are the library's)."""
+    def load_checkpoint(self, resume_from_checkpoint: str) -> None:
+        """At the start of a resumed ``train()``: load the encoder's weights and the IS-CSE memory buffer from a
+        checkpoint (the optimizer, scheduler, scaler, RNG and trainer state are the library's)."""
         import json
 
         folder = Path(resume_from_checkpoint)
