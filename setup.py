@@ -13,8 +13,9 @@ VERSION = re.search(r'^__version__ = "([^"]+)"', Path(__file__).with_name("iscse
                     .read_text(encoding="utf-8"), re.M).group(1)
 
 # torch: a range that the CPU build 2.13.0 satisfies, so a machine that installed it first installs nothing more,
-# and that still admits the 2.11 builds found on GPU machines.
-TORCH = "torch>=2.4,<2.14"
+# and that still admits the 2.11 builds found on GPU machines. 2.5 is the first with
+# torch.serialization.safe_globals, which loading a sentence-transformers loss state relies on.
+TORCH = "torch>=2.5,<2.14"
 
 EXTRAS = {
     "triton": ["triton>=3.0"],
