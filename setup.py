@@ -18,8 +18,9 @@ TRANSFORMERS = re.search(r'^TRANSFORMERS_REQUIREMENT = "([^"]+)"', Path(__file__
     "iscse", "training", "_hf_adapter.py").read_text(encoding="utf-8"), re.M).group(1)
 
 # torch: a range that the CPU build 2.13.0 satisfies, so a machine that installed it first installs nothing more,
-# and that still admits the 2.11 builds found on GPU machines.
-TORCH = "torch>=2.4,<2.14"
+# and that still admits the 2.11 builds found on GPU machines. 2.5 is the first with
+# torch.serialization.safe_globals, which loading a sentence-transformers loss state relies on.
+TORCH = "torch>=2.5,<2.14"
 
 EXTRAS = {
     "triton": ["triton>=3.0"],

@@ -57,7 +57,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import json
 import os
 import platform
 import statistics
@@ -72,6 +71,7 @@ import torch
 import torch.nn.functional as F
 
 import iscse
+from iscse._io import write_json_atomic
 from iscse import reference as R
 from iscse.backends import available_backends, get_backend
 
@@ -125,10 +125,7 @@ def _cpu_info() -> Dict[str, object]:
     wanted = {"AVX2": "avx2", "AVX-512F": "avx512f", "AVX-512-BF16": "avx512_bf16", "AVX-512-VNNI": "avx512_vnni",
               "AMX-TILE": "amx_tile", "AMX-BF16": "amx_bf16", "AMX-INT8": "amx_int8"}
     info["flags"] = None if flags is None else {label: flag in flags for label, flag in wanted.items()}
-    try:
-        info["torch_capability"] = torch.backends.cpu.get_cpu_capability()
-    except AttributeError:  # older torch
-        info["torch_capability"] = None
+    info["torch_capability"] = torch.backends.cpu.get_cpu_capability()
     return info
 
 
@@ -775,9 +772,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                       "seconds": time.time() - t0}
     doc["passed"] = not failed and not doc.get("interrupted")
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(doc, f, indent=1, default=str)
-            f.write("\n")
+        write_json_atomic(args.json, doc, default=str)  # default=str: dtypes, devices, paths
     print(format_report(doc))
     return 1 if failed else (3 if doc.get("interrupted") else 0)
 

@@ -266,16 +266,37 @@ def test_max_seq_length_respects_tokenizer_and_positions(tokenizer):
     assert encoder.encode([long_sentence], show_progress=False).shape == (1, 32)  # truncated, no crash
 
 
-def test_sentence_transformers_files_by_hand_when_its_save_fails(tokenizer, tmp_path, monkeypatch):
-    st = pytest.importorskip("sentence_transformers")
+def test_checkpoint_kept_without_pipeline_files_when_sentence_transformers_save_fails(tokenizer, tmp_path,
+                                                                                     monkeypatch, caplog):
+    """sentence-transformers' own save is the one exporter: when it raises (an API change), the checkpoint is still
+    written and loads, and what the failed save left half-done is removed (no modules.json pointing at nothing)."""
+    pytest.importorskip("sentence_transformers")
     encoder = SentenceEncoder(tiny_backbone(seed=4), tokenizer, pooler="cls", mlp_only_train=False)
     ours = encoder.encode(SENTENCES, show_progress=False)
 
     def broken(self, folder):
-        raise TypeError("an API that changed")
+        (folder / "config_sentence_transformers.json").write_text("{}", encoding="utf-8")
+        (folder / "1_Pooling").mkdir()
+        raise TypeError("an API that changed\nsecond line")
 
     monkeypatch.setattr(SentenceEncoder, "_save_with_sentence_transformers", broken)
-    encoder.save_pretrained(tmp_path / "ckpt")
-    model = st.SentenceTransformer(str(tmp_path / "ckpt"), device="cpu")
-    theirs = model.encode(SENTENCES, convert_to_tensor=True, batch_size=2)
-    torch.testing.assert_close(theirs.cpu().float(), ours, rtol=1e-4, atol=1e-5)
+    with caplog.at_level("WARNING", logger=models_mod.logger.name):
+        encoder.save_pretrained(tmp_path / "ckpt")
+    assert "(TypeError: an API that changed);" in caplog.text
+    left = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    assert not {"modules.json", "config_sentence_transformers.json", "sentence_bert_config.json", "1_Pooling",
+                "2_Dense"} & set(left), left
+    again = SentenceEncoder.from_pretrained(tmp_path / "ckpt")
+    torch.testing.assert_close(again.encode(SENTENCES, show_progress=False), ours, rtol=1e-5, atol=1e-6)
+
+
+def test_no_pipeline_files_without_sentence_transformers(tokenizer, tmp_path, monkeypatch, caplog):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "sentence_transformers", None)  # import raises ImportError
+    encoder = SentenceEncoder(tiny_backbone(seed=5), tokenizer, pooler="avg")
+    with caplog.at_level("WARNING", logger=models_mod.logger.name):
+        encoder.save_pretrained(tmp_path / "ckpt")
+    assert "sentence-transformers is not installed" in caplog.text
+    assert not (tmp_path / "ckpt" / "modules.json").exists()
+    assert (tmp_path / "ckpt" / "config.json").is_file() and (tmp_path / "ckpt" / "iscse_config.json").is_file()

@@ -25,13 +25,17 @@ instead starts from a freshly initialised MLP (``BertForCL`` has no pooling laye
 ``iscse_mlp.safetensors``.
 
 Not supported: decoder-only or encoder-decoder models, and tokenizers without a padding token.
+
+Why the model being trained lives in ``evaluation``: training depends on evaluation anyway (it evaluates STS-B dev
+while it trains), never the other way round, so ``iscse.training`` importing :class:`SentenceEncoder` from here is
+an import down the layers (``tests/test_layout.py``), and an evaluation-only install (no ``datasets`` or
+``accelerate``) still loads and saves encoders. A package of its own would move the class and its imports without
+changing that graph. What training used to borrow from here besides the class (atomic writes, umask) lives in
+:mod:`iscse._io`.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import errno
 import json
 import logging
 import os
@@ -44,7 +48,9 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["POOLERS", "MLPLayer", "SentenceEncoder", "pool", "check_encoder", "looks_local", "current_umask", "apply_umask"]
+from .._io import apply_umask, first_line, replace_dir, write_json
+
+__all__ = ["POOLERS", "MLPLayer", "SentenceEncoder", "pool", "check_encoder", "looks_local"]
 
 logger = logging.getLogger(__name__)
 
@@ -105,8 +111,7 @@ def check_encoder(name_or_path: str | os.PathLike, **hub_kwargs: Any) -> Any:
         try:
             config = AutoConfig.from_pretrained(str(path), **hub_kwargs)
         except (OSError, ValueError, KeyError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ValueError(f"{text!r}: config.json cannot be read ({first})") from None
+            raise ValueError(f"{text!r}: config.json cannot be read ({first_line(exc)})") from None
     else:
         config = AutoConfig.from_pretrained(text, **hub_kwargs)
     model_type = getattr(config, "model_type", None)
@@ -450,8 +455,8 @@ class SentenceEncoder(nn.Module):
 
         Contents: the backbone in Hugging Face format with safetensors weights (the MLP, when the backbone has a
         BERT-style pooling layer, as its ``pooler.dense``, SimCSE's convention, so ``AutoModel(...).pooler_output``
-        is the ``cls`` embedding), the tokenizer, ``iscse_config.json`` (pooler and ``mlp_only_train``), and a
-        sentence-transformers pipeline computing this encoder's eval-mode embedding: ``modules.json``,
+        is the ``cls`` embedding), the tokenizer, ``iscse_config.json`` (pooler and ``mlp_only_train``), and, where
+        sentence-transformers is installed, the pipeline (written by its own ``save``) computing this encoder's eval-mode embedding: ``modules.json``,
         ``sentence_bert_config.json`` and ``1_Pooling`` (CLS or mean), plus ``2_Dense`` (the MLP with tanh) for
         ``cls`` without ``mlp_only_train``; ``avg_top2`` / ``avg_first_last`` use a ``WeightedLayerPooling``
         stage and set ``output_hidden_states`` in ``config.json``.
@@ -485,7 +490,7 @@ class SentenceEncoder(nn.Module):
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))  # 0700: apply_umask fixes it
         try:
             self._write_checkpoint(tmp)
-            _replace_dir(tmp, target)
+            replace_dir(tmp, target)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -518,25 +523,31 @@ class SentenceEncoder(nn.Module):
         if self.mlp is not None and hf_pooler is None:
             save_file({k: v.detach().contiguous().cpu() for k, v in self.mlp.state_dict().items()},
                       str(folder / _ISCSE_MLP), metadata={"format": "pt"})
-        _write_json(folder / _ISCSE_CONFIG, {"pooler": self._pooler, "mlp_only_train": self.mlp_only_train})
+        write_json(folder / _ISCSE_CONFIG, {"pooler": self._pooler, "mlp_only_train": self.mlp_only_train})
         self._write_sentence_transformers_config(folder)
         apply_umask(folder)
 
     def _write_sentence_transformers_config(self, folder: Path) -> None:
-        """The sentence-transformers pipeline files, written by sentence-transformers itself where it is installed
-        (its module classes and ``SentenceTransformer.save``, so the files follow the installed version's
-        format), else by hand in the same layout (also the fallback should that fail)."""
+        """The sentence-transformers pipeline files, written by sentence-transformers itself (its module classes and
+        ``SentenceTransformer.save``, so the files follow the installed version's format). Without
+        sentence-transformers, or should its save fail (an API change there must not lose a training checkpoint),
+        the folder gets none of them and still loads with ``AutoModel`` and :meth:`from_pretrained`; a warning
+        says so."""
         try:
             import sentence_transformers  # noqa: F401
         except ImportError:
-            self._write_sentence_transformers_files(folder)
+            logger.warning("sentence-transformers is not installed: the saved model gets no sentence-transformers "
+                           "pipeline files (pip install sentence-transformers, then save again, to load it with "
+                           "SentenceTransformer)")
             return
         try:
             self._save_with_sentence_transformers(folder)
         except Exception as exc:  # noqa: BLE001 - an API change there must not lose the checkpoint
-            logger.warning("sentence-transformers could not write its files (%s: %s); writing them by hand",
-                           type(exc).__name__, exc)
-            self._write_sentence_transformers_files(folder)
+            _remove_sentence_transformers_files(folder)
+            # (folder may be a temporary one, renamed into place afterwards: not worth naming)
+            logger.warning("sentence-transformers could not write its pipeline files (%s: %s); the saved model has "
+                           "none of them and loads with AutoModel and SentenceEncoder.from_pretrained",
+                           type(exc).__name__, first_line(exc))
 
     def _weighted_layers(self) -> tuple[int, list[float]] | None:
         """``(layer_start, weights)`` of the layer average ``avg_top2`` / ``avg_first_last`` compute (over
@@ -565,7 +576,7 @@ class SentenceEncoder(nn.Module):
             config_path = folder / "config.json"
             config = json.loads(config_path.read_text(encoding="utf-8"))
             config["output_hidden_states"] = True
-            _write_json(config_path, config)
+            write_json(config_path, config)
         modules = [mods.Transformer(str(folder), max_seq_length=self.max_seq_length)]
         if weighted is not None:
             layer_start, weights = weighted
@@ -583,111 +594,16 @@ class SentenceEncoder(nn.Module):
         pipeline = SentenceTransformer(modules=modules, device="cpu", similarity_fn_name="cosine")
         pipeline.save(str(folder), create_model_card=False)
 
-    def _write_sentence_transformers_files(self, folder: Path) -> None:
-        from safetensors.torch import save_file
 
-        hidden = self.hidden_size
-        modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"}]
-
-        def add(kind: str, path: str) -> Path:
-            modules.append({"idx": len(modules), "name": str(len(modules)), "path": path,
-                            "type": f"sentence_transformers.models.{kind}"})
-            (folder / path).mkdir()
-            return folder / path
-
-        if self._pooler in ("avg_top2", "avg_first_last"):
-            # token states = weighted mean over hidden_states[layer_start:]; SentenceTransformer's Transformer
-            # module returns all layers only when config.output_hidden_states is set.
-            layers = int(self.backbone.config.num_hidden_layers)
-            if self._pooler == "avg_top2":
-                layer_start, weights = layers - 1, [1.0, 1.0]
-            else:
-                layer_start, weights = 0, [1.0] + [0.0] * (layers - 1) + [1.0]
-            wl = add("WeightedLayerPooling", f"{len(modules)}_WeightedLayerPooling")
-            _write_json(wl / "config.json", {"word_embedding_dimension": hidden, "layer_start": layer_start,
-                                             "num_hidden_layers": layers})
-            save_file({"layer_weights": torch.tensor(weights, dtype=torch.float32)}, str(wl / "model.safetensors"),
-                      metadata={"format": "pt"})
-            config_path = folder / "config.json"
-            config = json.loads(config_path.read_text(encoding="utf-8"))
-            config["output_hidden_states"] = True
-            _write_json(config_path, config)
-        cls_token = self._pooler in ("cls", "cls_before_pooler")
-        pooling = add("Pooling", f"{len(modules)}_Pooling")
-        _write_json(pooling / "config.json", {
-            "word_embedding_dimension": hidden,
-            "pooling_mode_cls_token": cls_token,
-            "pooling_mode_mean_tokens": not cls_token,
-            "pooling_mode_max_tokens": False,
-            "pooling_mode_mean_sqrt_len_tokens": False,
-        })
-        if self._pooler == "cls" and not self.mlp_only_train:
-            dense = add("Dense", f"{len(modules)}_Dense")
-            _write_json(dense / "config.json", {"in_features": hidden, "out_features": hidden, "bias": True,
-                                                "activation_function": "torch.nn.modules.activation.Tanh"})
-            save_file({"linear.weight": self.mlp.dense.weight.detach().float().contiguous().cpu(),
-                       "linear.bias": self.mlp.dense.bias.detach().float().contiguous().cpu()},
-                      str(dense / "model.safetensors"), metadata={"format": "pt"})
-        _write_json(folder / "modules.json", modules)
-        _write_json(folder / "sentence_bert_config.json", {"max_seq_length": self.max_seq_length,
-                                                           "do_lower_case": False})
-        _write_json(folder / "config_sentence_transformers.json", {"similarity_fn_name": "cosine"})
-
-
-def apply_umask(folder: str | os.PathLike) -> None:
-    """Give ``folder``, everything under it, the permissions a new file or folder gets from the user's umask
-    (libraries that write through temporary files leave some at 0600)."""
-    mask = current_umask()
-    for dirpath, _, names in os.walk(folder):
-        os.chmod(dirpath, 0o777 & ~mask)
-        for name in names:
-            path = os.path.join(dirpath, name)
-            if not os.path.islink(path):
-                os.chmod(path, 0o666 & ~mask)
-
-
-def current_umask() -> int:
-    """The process's file-creation mask (read by setting and restoring it)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+def _remove_sentence_transformers_files(folder: Path) -> None:
+    """Delete what a failed ``SentenceTransformer.save`` may have left: its JSON files and its ``<idx>_<Module>``
+    folders (the backbone and tokenizer files it rewrote in the root are the ones just saved)."""
+    for name in ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json"):
+        (folder / name).unlink(missing_ok=True)
+    for child in folder.iterdir():
+        if child.is_dir() and child.name.split("_", 1)[0].isdigit():
+            shutil.rmtree(child)
 
 
 def _describe(x: Any) -> str:
     return f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths with Linux renameat2(RENAME_EXCHANGE); False where that is unavailable."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):  # old kernel or a file system without exchange
-        return False
-    raise OSError(err, os.strerror(err), str(b))
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Make ``new`` appear at ``target``, atomically where the platform allows; the old folder is deleted."""
-    if not target.exists():
-        os.rename(new, target)
-        return
-    if _exchange(new, target):
-        shutil.rmtree(new)  # now holds the previous checkpoint
-        return
-    backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-    os.rmdir(backup)
-    os.rename(target, backup)
-    os.rename(new, target)
-    shutil.rmtree(backup)

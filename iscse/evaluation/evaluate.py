@@ -32,12 +32,10 @@ object (``evaluate_transfer``'s result).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -48,7 +46,8 @@ import torch
 from scipy.stats import spearmanr
 
 from . import transfer  # numpy only; it imports scikit-learn when a protocol function runs
-from .encoder import POOLERS, SentenceEncoder, check_encoder, current_umask
+from .._io import write_json_atomic
+from .encoder import POOLERS, SentenceEncoder, check_encoder
 from .senteval import (DATA_DIR_ENV, STS_TASKS, TRANSFER_FOLDERS, TRANSFER_TASKS, STSPairs, TransferSplit,
                        load_sts_task, load_transfer_task, resolve_data_dir)
 
@@ -462,24 +461,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if transfer_tasks:
         print(_transfer_tables(results["transfer"], args.mode))
     if args.output_json:
-        _write_json_atomic(Path(args.output_json), results)
+        write_json_atomic(Path(args.output_json), results)
         logger.info("wrote %s", args.output_json)
     return 0
-
-
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes it 0600; the result follows the user's umask
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(obj, handle, indent=2)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 if __name__ == "__main__":

@@ -335,11 +335,8 @@ def _state_file(world_size: int, process_index: int, name: Optional[str] = None)
 
 def _load_state(path: str) -> Dict[str, Any]:
     """``torch.load`` with ``weights_only=True`` (tensors, numbers, strings, containers), admitting the package's
-    ``AlphaSchedule`` where torch can allow-list classes, in case a loss state carries its schedule object."""
-    safe_globals = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
-    if safe_globals is None:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    with safe_globals([AlphaSchedule]):
+    ``AlphaSchedule`` in case a loss state carries its schedule object."""
+    with torch.serialization.safe_globals([AlphaSchedule]):
         return torch.load(path, map_location="cpu", weights_only=True)
 
 

@@ -25,6 +25,8 @@ import zipfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+from .._io import apply_umask, first_line, replace_dir, write_json
+
 __all__ = ["MANIFEST", "CHECKPOINT_RE", "checkpoint_problem", "list_checkpoints", "find_checkpoint",
            "write_manifest", "fsync_tree", "fsync_dir", "publish"]
 
@@ -71,8 +73,7 @@ def _file_problem(path: Path, size: int) -> Optional[str]:
             with safe_open(str(path), framework="pt") as handle:
                 handle.keys()
     except Exception as exc:  # noqa: BLE001 - whatever the parser raises, the file is unusable
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return f"{name} is corrupt ({first})"
+        return f"{name} is corrupt ({first_line(exc)})"
     return None
 
 
@@ -142,11 +143,7 @@ def write_manifest(folder: Path, extra: Dict[str, Any]) -> None:
             if rel != MANIFEST:
                 files[rel] = full.stat().st_size
     doc = dict(extra, files=dict(sorted(files.items())))
-    with open(folder / MANIFEST, "w", encoding="utf-8") as fh:
-        json.dump(doc, fh, indent=2)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
+    write_json(folder / MANIFEST, doc, fsync=True)
 
 
 def fsync_dir(folder: Path) -> None:
@@ -178,11 +175,9 @@ def fsync_tree(folder: Path) -> None:
 def publish(staged: Path, final: Path) -> None:
     """Make the complete folder ``staged`` appear at ``final`` in one rename (an existing ``final``, e.g. the same
     step saved again after a resume, is swapped out atomically where Linux allows it, then deleted)."""
-    from ..evaluation.encoder import _replace_dir, apply_umask
-
     apply_umask(staged)  # torch.save and friends write some files 0600
     fsync_tree(staged)
-    _replace_dir(staged, final)
+    replace_dir(staged, final)
     fsync_dir(final.parent)
 
 

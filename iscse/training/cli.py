@@ -25,17 +25,14 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
+from .._io import first_line, write_json_atomic, write_text_atomic
+
 __all__ = ["main", "train"]
 
 logger = logging.getLogger("iscse.train")
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _LOG_DATEFMT = "%Y-%m-%d %H:%M:%S"
 PROG = "python -m iscse.train"
-
-
-def _first_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text or type(exc).__name__
 
 
 def _resolve_data(args) -> Dict[str, Optional[str]]:
@@ -81,7 +78,7 @@ def _check_eval_data(data_dir: str, args) -> None:
     try:
         root = resolve_data_dir(data_dir)
     except (ValueError, FileNotFoundError) as exc:
-        raise ConfigError(_first_line(exc)) from None
+        raise ConfigError(first_line(exc)) from None
     wanted = [(t, "dev") for t in args.dev_tasks]
     if not args.skip_test_eval:
         wanted += [(t, "test") for t in STS_TASKS]
@@ -90,7 +87,7 @@ def _check_eval_data(data_dir: str, args) -> None:
             load_sts_task(root, task, split)
         except (OSError, ValueError, UnicodeDecodeError, IndexError, KeyError) as exc:
             what = "cannot be read" if isinstance(exc, PermissionError) else "is incomplete or unreadable"
-            raise ConfigError(f"{flag} {str(data_dir)!r} {what}: {task} {split} ({_first_line(exc)}); pass SentEval's "
+            raise ConfigError(f"{flag} {str(data_dir)!r} {what}: {task} {split} ({first_line(exc)}); pass SentEval's "
                               "data/downstream folder (SimCSE's download_dataset.sh fetches it)"
                               + ("" if split == "dev" else ", or --skip_test_eval")) from None
 
@@ -105,7 +102,7 @@ def _load_encoder(args, source: str, resume: bool):
     except ValueError as exc:
         raise ConfigError(f"{flag} {exc}") from None
     except OSError as exc:
-        raise ConfigError(f"{flag} {source!r} could not be loaded ({_first_line(exc)}); offline, pass a local "
+        raise ConfigError(f"{flag} {source!r} could not be loaded ({first_line(exc)}); offline, pass a local "
                           "folder holding the model and its tokenizer") from None
     from transformers import set_seed
 
@@ -114,7 +111,7 @@ def _load_encoder(args, source: str, resume: bool):
         encoder = SentenceEncoder.from_pretrained(source, pooler=args.pooler_type, mlp_only_train=args.mlp_only_train,
                                                   reinit_mlp=args.reinit_mlp and not resume)
     except OSError as exc:
-        raise ConfigError(f"{flag} {source!r} could not be loaded ({_first_line(exc)})") from None
+        raise ConfigError(f"{flag} {source!r} could not be loaded ({first_line(exc)})") from None
     if encoder.tokenizer.pad_token_id is None:
         raise ConfigError(f"{flag} {source!r}: its tokenizer has no padding token; set one (tokenizer.pad_token) "
                           "and save it again")
@@ -141,7 +138,7 @@ def _load_mlm_head(args, encoder, resume_dir: Optional[Path]):
     try:
         return MaskedLMHead.from_pretrained(encoder.backbone, source)
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"--do_mlm: the masked-LM head of {source!r} could not be loaded ({_first_line(exc)})") \
+        raise ConfigError(f"--do_mlm: the masked-LM head of {source!r} could not be loaded ({first_line(exc)})") \
             from None
 
 
@@ -193,22 +190,10 @@ def _prepare_output_dir(args, resume_dir: Optional[Path]) -> None:
                 continue  # a line cut short by a crash
             if rec.get("event") in ("train", "eval") and rec.get("step", 0) <= resume_step:
                 kept.append(line)
-        tmp = metrics.with_name(".metrics.jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-        os.replace(tmp, metrics)
+        write_text_atomic(metrics, "".join(line + "\n" for line in kept))
     elif resume_dir is None:
         metrics.write_text("", encoding="utf-8")
-    _write_json_atomic(out / "train_config.json", settings_of(args))
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(obj, fh, indent=2)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    write_json_atomic(out / "train_config.json", settings_of(args))
 
 
 def train(args) -> Dict[str, Any]:
@@ -243,7 +228,7 @@ def train(args) -> Dict[str, Any]:
                                          overwrite_cache=args.overwrite_cache and is_main,
                                          show_progress=not args.disable_tqdm and is_main)
         except (OSError, ValueError) as exc:
-            raise ConfigError(f"--train_file {data['train_file']!r} could not be read ({_first_line(exc)})") from None
+            raise ConfigError(f"--train_file {data['train_file']!r} could not be read ({first_line(exc)})") from None
     if resume_dir is not None:
         _check_resume(args, len(dataset))
         args.eval_on_start = False  # the start was evaluated by the run that saved the checkpoint
@@ -310,7 +295,7 @@ def train(args) -> Dict[str, Any]:
         if is_main and not args.skip_test_eval and data["data_dir"] is not None:
             summary["test"] = _test(args, data["data_dir"], trainer)
         if is_main:
-            _write_json_atomic(Path(args.output_dir) / "train_results.json", summary)
+            write_json_atomic(Path(args.output_dir) / "train_results.json", summary)
         state.wait_for_everyone()
         return summary
     finally:
@@ -338,7 +323,7 @@ def _test(args, data_dir: str, trainer) -> Dict[str, float]:
     print(f"------ test (best checkpoint: {best}) ------\n{table}", flush=True)
     file_logger = logging.getLogger("iscse.train.file")  # to train.log only: the table is printed above
     file_logger.info("STS test of %s:\n%s", best, table)
-    _write_json_atomic(Path(args.output_dir) / "sts_test.json", results)
+    write_json_atomic(Path(args.output_dir) / "sts_test.json", results)
     trainer.metrics.write({"event": "test", "step": trainer.best_step if trainer.best_step is not None
                            else trainer.state.global_step, **{f"test_{k}": v for k, v in results.items()}})
     del model
@@ -363,7 +348,7 @@ def _check_ops(args) -> None:
     try:
         get_backend("triton", args.device)
     except (ImportError, ValueError) as exc:
-        raise ConfigError(f"--ops triton is not usable here ({_first_line(exc)}); use --ops auto or --ops torch") \
+        raise ConfigError(f"--ops triton is not usable here ({first_line(exc)}); use --ops auto or --ops torch") \
             from None
     # On CPU the kernels run only when Triton was imported in its interpreter (TRITON_INTERPRET=1 set before the
     # import); the backend records which it got.

@@ -35,6 +35,8 @@ import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
+from .._io import first_line
+
 __all__ = ["SIMCSE_DATA_REPO", "WIKI1M_FILE", "NLI_FILE", "SENTEVAL_ARCHIVE", "WIKI1M_URL", "NLI_URL", "SENTEVAL_URL",
            "DownloadError", "default_cache_dir", "fetch", "ensure_wiki1m", "ensure_nli", "ensure_senteval",
            "find_downstream_dir", "main"]
@@ -84,8 +86,8 @@ def fetch(filename: str, dest_dir: str | os.PathLike, *, repo_id: str = SIMCSE_D
         dest.mkdir(parents=True, exist_ok=True)
         return Path(hf_hub_download(repo_id=repo_id, filename=filename, repo_type="dataset", local_dir=dest))
     except Exception as exc:  # noqa: BLE001 - network, HTTP, offline mode, disk: all mean "not fetched"
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DownloadError(f"could not download {filename} from the Hub dataset {repo_id} ({first})") from None
+        raise DownloadError(f"could not download {filename} from the Hub dataset {repo_id} ({first_line(exc)})") \
+            from None
     finally:
         hub_logger.setLevel(hub_level)
         if bars_were_on and not show_progress:

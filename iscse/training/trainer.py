@@ -44,6 +44,7 @@ import torch.distributed as dist
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from .. import __version__
+from .._io import write_json
 from .data import EpochBatchSampler, collate_sentences
 from .distributed import gather_with_grad, is_distributed
 from ..evaluation.encoder import SentenceEncoder
@@ -319,7 +320,7 @@ class ISCSETrainer(CheckpointHooks):
                 from safetensors.torch import save_file
 
                 save_file(self.model.mlm.head_state_dict(), str(staged / MLM_HEAD_FILE), metadata={"format": "pt"})
-            _write_json(staged / "train_config.json", settings_of(self.args))
+            write_json(staged / "train_config.json", settings_of(self.args))
             write_manifest(staged, {
                 "step": step, "num_examples": self._num_examples, "world_size": self.args.world_size,
                 "best_metric": self.best_metric, "best_step": self.best_step, "evaluated": self.evaluated,
@@ -387,9 +388,3 @@ def _leaves(obj: Any):
             yield from _leaves(item)
     elif isinstance(obj, torch.Tensor) or (isinstance(obj, (int, float)) and not isinstance(obj, bool)):
         yield obj
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    import json
-
-    path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
