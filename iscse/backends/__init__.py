@@ -48,6 +48,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Set, Tupl
 
 import torch
 
+from .._io import first_line
 from .base import Backend
 
 __all__ = ["Backend", "register_backend", "unregister_backend", "backend_names", "get_backend", "compute_backend",
@@ -472,7 +473,7 @@ def _verify_and_time(key, device, run, candidates: List[_Plan], near_tie, labels
                 failure = None if worst <= tol else f"differs from the {BASELINE} baseline by {worst:.2e} " \
                                                     f"relative in {what} (tolerance {tol:.0e})"
             except Exception as exc:  # noqa: BLE001 - a candidate that crashes is dropped like a wrong one
-                failure = f"raised {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                failure = f"raised {type(exc).__name__}: {first_line(exc)}"
                 worst = math.inf
             if failure is None:
                 agreeing.append(plan)
