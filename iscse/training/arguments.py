@@ -218,7 +218,7 @@ class ISCSETrainingArguments(TrainingArguments):
     aggregation: Literal["attention", "mean"] = field(default="attention", metadata=_help(
         "how a group makes the smoothed positive: attention (the paper) or mean (the released code's ablation)"))
     ops: Literal["auto", "reference", "torch", "triton"] = field(default="auto", metadata=_help(
-        "ISCSELoss backend (auto: triton on CUDA when usable, else torch)"))
+        "ISCSELoss backend (auto: torch, or Triton / FAISS once they match it on the run's first full step)"))
     ddp_gradient: Literal["mean", "sum"] = field(default="mean", metadata=_help(
         "under torchrun: mean = the reference's averaged gradients; sum = exactly the global-batch gradient"))
     do_mlm: bool = field(default=False, metadata=_help(
