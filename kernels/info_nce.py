@@ -76,17 +76,15 @@ are built with ``maxnreg=168`` (three 4-warp programs per SM) and the gradients 
 (Triton 3.6 held it at 64 and spilled), tiles are at most 32 wide, and the feature step and pipelining depth are
 chosen per input dtype from a sweep (step 16 / 32, 1-3 stages, no cap / 168) as the deepest pipelining with no
 spill at the benchmark shapes under both versions: fp32 inputs step 16 with three stages, 16-bit inputs step 32
-with one. At the benchmark shapes no specialisation spills under Triton 3.9 (checked 2 Dec 2026, with the row
-statistics merged by one helper, :func:`_row_stats`, which starts from split 0: that removed the 16 bytes the column
-pass with 16-bit inputs and 32-row tiles used to spill, and int64 input offsets, which cost 0-15 registers per
-specialisation and no spill there). Off them, the row pass with 16-bit inputs and both losses spills 80 bytes at
+with one. At the benchmark shapes no specialisation spills under Triton 3.9 (``bench/gpu_bench.py --compile-only``,
+2 Dec 2026; the row statistics are merged by one helper, :func:`_row_stats`, starting from split 0). Off them, the row pass with 16-bit inputs and both losses spills 80 bytes at
 (B, D) = (33, 13), as before, and with fp32 inputs 8.
 
 Supported: x, y fp32/bf16/fp16 and z fp32, any ``B >= 1`` and ``D >= 1`` (masks everywhere), arbitrary strides
 (offsets into the inputs in int64: a view such as ``h[:, 0]`` of a large ``(B, L, D)`` tensor passes ``2**31``).
 Tested under the interpreter (Triton 3.9 and 3.6, tests/test_triton_interpret.py: splits > 1, split counts that do
 not divide the tiles, bit-identical reruns) and compiled for sm_90 with ptxas; the GPU tests
-(tests/test_triton_gpu.py) were not yet run on a GPU when this was written, so no timing of this design exists.
+(tests/test_triton_gpu.py) have not run on a GPU yet, so no timing of this design exists.
 Degenerate rows (norm below 1e-12) use the clamped norm, like ``F.normalize``.
 """
 from __future__ import annotations

@@ -37,7 +37,7 @@ slot indices are int32, so ``M < 2**31``), ``self_slots`` int64 ``(B,)`` or None
 computed in int64, so views whose element offsets pass ``2**31`` are read correctly). Tested: under the interpreter on
 small odd shapes up to k = 64 (Triton 3.9 and 3.6, tests/test_triton_interpret.py); every specialisation compiles for
 sm_90 with ptxas (Triton 3.6 and 3.9, ``bench/gpu_bench.py --compile-only``); tests/test_triton_gpu.py holds the GPU
-tests at real sizes, not yet run on a GPU when this was written. Ties between equal similarities are broken by position,
+tests at real sizes, which have not run on a GPU yet. Ties between equal similarities are broken by position,
 not necessarily as ``torch.topk`` breaks them. NaN inputs give unspecified neighbours.
 """
 from __future__ import annotations

@@ -30,7 +30,7 @@ and the buffer (int64 offsets; ``grad z*`` is made row-contiguous). The feature 
 (:func:`~iscse.kernels._common.row_block_d`), so the ``K_PAD x BLOCK_D`` neighbour tile stays in registers. All
 arithmetic is fp32 (no ``tl.dot``: each row is a ``K_PAD x BLOCK_D`` tile). Tested under the interpreter up to k = 64
 (Triton 3.9 and 3.6, tests/test_triton_interpret.py) and compiled for sm_90 with ptxas; the GPU tests
-(tests/test_triton_gpu.py) were not yet run on a GPU when this was written.
+(tests/test_triton_gpu.py) have not run on a GPU yet.
 """
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ from iscse.backends import get_backend
 @pytest.mark.parametrize("name", ["reference", "torch"])
 def test_self_slots_are_honoured_wherever_they_rank(name):
     """Excluding slots that do not rank first (here: arbitrary slots, and a buffer with a duplicate of the query
-    ranking with it) removes exactly those slots; the reference used to drop rank 0 whatever self_slots said."""
+    ranking with it) removes exactly those slots, not whatever ranks first."""
     M, D, k = 12, 8, 4
     storage = F.normalize(torch.randn(M, D, dtype=torch.float64), dim=1)
     q = F.normalize(torch.randn(3, D, dtype=torch.float64), dim=1)

@@ -30,8 +30,7 @@ Why the model being trained lives in ``evaluation``: training depends on evaluat
 while it trains), never the other way round, so ``iscse.training`` importing :class:`SentenceEncoder` from here is
 an import down the layers (``tests/test_layout.py``), and an evaluation-only install (no ``datasets`` or
 ``accelerate``) still loads and saves encoders. A package of its own would move the class and its imports without
-changing that graph. What training used to borrow from here besides the class (atomic writes, umask) lives in
-:mod:`iscse._io`.
+changing that graph. The file helpers both layers use (atomic writes, umask) live in :mod:`iscse._io`.
 """
 
 from __future__ import annotations

@@ -94,36 +94,35 @@ def fetch(filename: str, dest_dir: str | os.PathLike, *, repo_id: str = SIMCSE_D
             enable_progress_bars()
 
 
-def ensure_wiki1m(cache_dir: Optional[str | os.PathLike] = None, *, show_progress: bool = True) -> Path:
-    """The path of ``wiki1m_for_simcse.txt`` in ``cache_dir`` (default :func:`default_cache_dir`), downloaded the
-    first time. Raises :class:`DownloadError` naming ``--train_file``."""
+def _ensure(name: str, cache_dir, show_progress: bool, hint: str) -> Path:
+    """``name`` in ``cache_dir`` (default :func:`default_cache_dir`), downloaded the first time; a failure raises
+    :class:`DownloadError` ending with ``hint`` (what to pass as ``--train_file`` instead)."""
     base = Path(cache_dir or default_cache_dir()).expanduser()
-    path = base / WIKI1M_FILE
+    path = base / name
     if path.is_file():
         return path
     try:
-        return fetch(WIKI1M_FILE, base, show_progress=show_progress)
+        return fetch(name, base, show_progress=show_progress)
     except DownloadError as exc:
-        raise DownloadError(
-            f"{exc}: the training corpus could not be fetched; pass --train_file with a local text file (one "
-            f"sentence a line), e.g. wiki1m fetched elsewhere with `python -m iscse.download --wiki1m` or "
-            f"`wget {WIKI1M_URL}`") from None
+        raise DownloadError(f"{exc}: {hint}") from None
+
+
+def ensure_wiki1m(cache_dir: Optional[str | os.PathLike] = None, *, show_progress: bool = True) -> Path:
+    """The path of ``wiki1m_for_simcse.txt`` in ``cache_dir`` (default :func:`default_cache_dir`), downloaded the
+    first time. Raises :class:`DownloadError` naming ``--train_file``."""
+    return _ensure(WIKI1M_FILE, cache_dir, show_progress,
+                   f"the training corpus could not be fetched; pass --train_file with a local text file (one "
+                   f"sentence a line), e.g. wiki1m fetched elsewhere with `python -m iscse.download --wiki1m` or "
+                   f"`wget {WIKI1M_URL}`")
 
 
 def ensure_nli(cache_dir: Optional[str | os.PathLike] = None, *, show_progress: bool = True) -> Path:
     """The path of ``nli_for_simcse.csv`` (SimCSE's supervised training file) in ``cache_dir`` (default
     :func:`default_cache_dir`), downloaded the first time. Raises :class:`DownloadError` naming ``--train_file``."""
-    base = Path(cache_dir or default_cache_dir()).expanduser()
-    path = base / NLI_FILE
-    if path.is_file():
-        return path
-    try:
-        return fetch(NLI_FILE, base, show_progress=show_progress)
-    except DownloadError as exc:
-        raise DownloadError(
-            f"{exc}: the NLI training file could not be fetched; pass --train_file with a local CSV file "
-            f"(sent0,sent1,hard_neg), e.g. fetched elsewhere with `python -m iscse.download nli` or "
-            f"`wget {NLI_URL}`") from None
+    return _ensure(NLI_FILE, cache_dir, show_progress,
+                   f"the NLI training file could not be fetched; pass --train_file with a local CSV file "
+                   f"(sent0,sent1,hard_neg), e.g. fetched elsewhere with `python -m iscse.download nli` or "
+                   f"`wget {NLI_URL}`")
 
 
 def find_downstream_dir(root: str | os.PathLike, max_depth: int = 4) -> Optional[Path]:
