@@ -1,6 +1,6 @@
 """CPU benchmark: FAISS kNN (exact and approximate) vs the torch backend, B = 64, D = 768, k = 16.
 
-Run (both backends in the same run, as DESIGN.md §6 asks)::
+Run (both backends in the same run, as docs/concepts.md: Measuring asks)::
 
     pytest bench/test_bench_faiss.py --benchmark-only --benchmark-columns=median,iqr,min,rounds \
         --benchmark-json=bench/results/faiss_cpu_$(date +%Y%m%d).json

@@ -3,7 +3,7 @@
     python bench/train_step_bench.py --out "$OUT"     # CUDA: BERT-base (BertConfig(), random init), B = 64, L = 32
     python bench/train_step_bench.py --dry-run        # CPU: a tiny BERT and a few steps (a check of the script)
 
-One step as SimCSE and IS-CSE train (DESIGN.md §1): the ``B`` sentences are duplicated row by row and encoded in one
+One step as SimCSE and IS-CSE train (docs/concepts.md: The computation): the ``B`` sentences are duplicated row by row and encoded in one
 forward pass of ``2B`` rows (dropout makes the two views differ), CLS pooling with SimCSE's MLP head
 (:class:`iscse.SentenceEncoder`, ``pooler="cls"``: the MLP is applied in training), ``L_cl + 0.1 L_s`` with a full
 1024-row buffer and ``k = 16`` (:class:`iscse.ISCSELoss`), backward, gradient-norm clip at 1.0, AdamW (lr 3e-5) and a

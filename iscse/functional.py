@@ -165,7 +165,7 @@ def iscse_loss(z1: torch.Tensor, z2: torch.Tensor, buffer: MemoryBuffer, *, k: i
 
     ``L_cl`` is InfoNCE of ``z1`` against ``z2``; once every buffer slot has been written, ``L_s`` is InfoNCE of
     ``z1`` against the smoothed positives ``z*`` (:func:`smooth` over the :func:`knn_topk` neighbours of
-    ``q2 = normalize(z2)``, its own slot excluded), and zero before that (DESIGN.md §1).
+    ``q2 = normalize(z2)``, its own slot excluded), and zero before that (docs/concepts.md: The computation).
 
     No host synchronisation (with the default ``check_finite`` on CUDA): the write slots (the queries' own slots)
     and whether the buffer is full come from the buffer's device state. ``L_s`` is computed every step and replaced

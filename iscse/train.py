@@ -1,7 +1,7 @@
 """The IS-CSE / SimCSE trainer: ``python -m iscse.train`` (``--help`` lists every flag).
 
 Unsupervised contrastive training of a BERT/RoBERTa-like encoder on one sentence a line (He et al., AAAI 2023, on
-SimCSE's recipe, Gao et al. 2021; DESIGN.md section 1), on ``transformers.Trainer``: see
+SimCSE's recipe, Gao et al. 2021; docs/concepts.md: The computation), on ``transformers.Trainer``: see
 :mod:`iscse.training.trainer` for what the library does and what this package adds, :mod:`iscse.training.arguments`
 for the flags and presets, and :mod:`iscse.training.cli` for what a run writes. This module is the entry point and
 re-exports the names a script needs; it imports ``transformers`` only when one of them is used.

@@ -3,8 +3,8 @@
 What it computes, for ``x = z1``, ``y = z2`` and (optionally) ``z = z*``, all ``(B, D)``:
 ``L_cl = mean_i CE(cos(x_i, y_.) / tau, target i)`` and ``L_s = mean_i CE(cos(x_i, z_.) / tau, target i)``, plus,
 because the losses are terminal, their input gradients ``dL_cl/dx, dL_cl/dy, dL_s/dx, dL_s/dz`` (fp32, row
-normalisation included), which the backward only has to scale by ``grad_output`` (DESIGN.md §3; Liger-Kernel's
-"gradient in the forward pass").
+normalisation included), which the backward only has to scale by ``grad_output`` (docs/concepts.md: The fused path, and
+Liger-Kernel's "gradient in the forward pass").
 
 The math: with ``P = softmax(S)`` row-wise, ``S_ij = cos_ij / tau`` and ``c = 1 / (tau B)``,
 ``dL/dx_i = c/|x_i| (u_i - y^_i - x^_i (s_i - cos_ii))`` with ``u_i = sum_j P_ij y^_j``, ``s_i = sum_j P_ij cos_ij``,

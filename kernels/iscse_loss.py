@@ -1,7 +1,7 @@
 """The fused IS-CSE loss ``(L_cl, L_s)``: the launchers ``iscse_loss_forward`` / ``iscse_loss_backward`` and
 ``_iscse_loss_scale_kernel``.
 
-What it computes, for one step (DESIGN.md §1, §3): ``L_cl = InfoNCE(z1, z2)`` and, with smoothing on,
+What it computes, for one step (docs/concepts.md: The computation; The fused path): ``L_cl = InfoNCE(z1, z2)`` and, with smoothing on,
 ``L_s = InfoNCE(z1, z*)`` where ``z*`` aggregates ``q2 = normalize(z2)`` with its ``k`` nearest buffer rows; and
 in backward ``grad z1``, ``grad z2`` for upstream gradients ``g_cl``, ``g_s`` of the two losses.
 

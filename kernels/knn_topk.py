@@ -3,7 +3,7 @@
 What it computes: for each query row ``q_i`` (``(B, D)``), the ``k`` buffer slots (``(M, D)``) with the largest
 dot product ``q_i . m_s``, the query's own slot ``self_slots[i]`` excluded, sorted by descending value.
 
-How (DESIGN.md §3): B is often 64, so parallelism comes from M. The grid is ``(row blocks, chunks of M)``; each
+How (docs/concepts.md: The fused path): B is often 64, so parallelism comes from M. The grid is ``(row blocks, chunks of M)``; each
 program streams its chunk of buffer rows in ``BLOCK_N`` tiles, computes the ``(BLOCK_B, BLOCK_N)`` similarity tile
 with ``tl.dot`` (looping over ``D`` in ``BLOCK_D`` steps), masks its self slots and out-of-range rows, and keeps a
 running top-``K_PAD`` per query in a ``(BLOCK_B, K_PAD)`` register tile. Per tile, only the entries above the row's

@@ -1,6 +1,6 @@
 """Instance smoothing (attention aggregation): ``_smooth_fwd_kernel``, ``_smooth_bwd_kernel`` and host launchers.
 
-Forward, one program per query row ``i`` (DESIGN.md §1 step 4, §3):
+Forward, one program per query row ``i`` (docs/concepts.md: The computation; The fused path):
 1. the neighbour slots: either merged here from the kNN's per-chunk candidates
    (:func:`~iscse.kernels._common.merge_topk`, so the fused path needs no separate merge launch) or given
    (``idx``, e.g. from FAISS);

@@ -28,7 +28,7 @@ needs_data = pytest.mark.skipif(
     reason=f"SentEval data not found at {DATA_DIR} (set ISCSE_DATA_DIR to SentEval's data/downstream folder)")
 
 
-# Scored pairs per task and split (SentEval's data; DESIGN.md section 5 and the data README).
+# Scored pairs per task and split (SentEval's data; docs/concepts.md: Data and models offline and the data README).
 COUNTS = [
     ("STS12", "test", 3108), ("STS13", "test", 1500), ("STS14", "test", 3750), ("STS15", "test", 3000),
     ("STS16", "test", 1186), ("STSBenchmark", "train", 5749), ("STSBenchmark", "dev", 1500),
@@ -164,7 +164,7 @@ def test_real_model_stsb_test_with_avg_pooler(minilm_path):
     encoder.train()  # as the trainer would call it mid-training
     results = evaluate_sts(encoder, DATA_DIR, tasks=["STSBenchmark"], show_progress=False)
     assert encoder.training
-    assert results["STSBenchmark"] == pytest.approx(82.03, abs=0.01)  # DESIGN.md section 5
+    assert results["STSBenchmark"] == pytest.approx(82.03, abs=0.01)  # docs/concepts.md: Data and models offline
 
 
 @needs_data
@@ -205,7 +205,7 @@ def test_command_line_reports_missing_data_dir(tmp_path, capsys, monkeypatch):
 @needs_data
 @pytest.mark.slow  # the whole SentEval STS suite once: about 4 minutes on 2 CPU cores (7 when they are busy)
 def test_real_model_full_sts_suite_avg_and_cls(minilm_path):
-    """Acceptance (DESIGN.md section 5): avg pooling STS-B test 82.03 and average 78.87; CLS pooling average 73.69.
+    """Acceptance (docs/concepts.md: Data and models offline): avg pooling STS-B test 82.03 and average 78.87; CLS pooling average 73.69.
 
     "CLS pooling" there is the [CLS] state itself, SimCSE's ``cls_before_pooler``; SimCSE's ``cls`` adds the
     checkpoint's dense+tanh pooling layer (never trained by sentence-transformers for this model) and gives 73.33

@@ -1,4 +1,4 @@
-"""The package's layering (DESIGN.md §4): no import circle, a light ``import iscse``, quiet ``python -m`` entry points.
+"""The package's layering (docs/concepts.md: Layering): no import circle, a light ``import iscse``, quiet ``python -m`` entry points.
 
 The import graph is read statically (``ast``) from every module of ``iscse/``, ``kernels/`` (as ``iscse.kernels``) and
 ``bench/``: an edge is a module-level import of another module of the project (imports inside functions are lazy by
@@ -156,3 +156,36 @@ def test_entry_points_print_no_warning(module):
     assert proc.returncode == 0, proc.stderr
     assert "usage: python -m " + module in proc.stdout
     assert "Warning" not in proc.stderr, proc.stderr
+
+
+def test_design_references_name_sections_of_the_concepts_page():
+    """Docstrings cite the design as ``docs/concepts.md: <section>[; <section>]``: every cited section must be a
+    heading of that page, and nothing may cite the old design file, which the repository does not have."""
+    headings = sorted({line.lstrip("#").strip() for line in (REPO / "docs" / "concepts.md").read_text().splitlines()
+                       if line.startswith("#")}, key=len, reverse=True)
+    marker = "docs/concepts.md: "
+    cited, missing, stale = 0, [], []
+    for path in [*REPO.glob("iscse/**/*.py"), *REPO.glob("kernels/*.py"), *REPO.glob("tests/*.py"),
+                 *REPO.glob("bench/*.py"), *REPO.glob("*.md"), *REPO.glob("docs/*.md")]:
+        if path == Path(__file__).resolve():
+            continue
+        text = path.read_text(encoding="utf-8")
+        if "DESIGN" + ".md" in text:
+            stale.append(str(path.relative_to(REPO)))
+        at = text.find(marker)
+        while at >= 0:
+            rest = text[at + len(marker):]
+            while True:  # "<section>" or "<section>; <section>; ..."
+                section = next((h for h in headings if rest.startswith(h)), None)
+                if section is None:
+                    missing.append((str(path.relative_to(REPO)), rest[:40]))
+                    break
+                cited += 1
+                rest = rest[len(section):]
+                if not rest.startswith("; "):
+                    break
+                rest = rest[2:]
+            at = text.find(marker, at + 1)
+    assert not stale, f"files citing the old design file: {stale}"
+    assert cited, "no file cites docs/concepts.md: the test no longer finds the citations"
+    assert not missing, f"citations of docs/concepts.md that start with none of its headings: {missing}"

@@ -1,4 +1,4 @@
-"""The Triton kernels under ``TRITON_INTERPRET=1`` on CPU tensors, against the float64 reference (DESIGN.md §3, §6).
+"""The Triton kernels under ``TRITON_INTERPRET=1`` on CPU tensors, against the float64 reference (docs/concepts.md: The fused path; Measuring).
 
 Triton picks interpreter or compiler when it is first imported (its language functions, and ours, are decorated
 then, and some of its modules, imported lazily at the first launch, check that the variable still agrees), so the

@@ -1,4 +1,4 @@
-"""Backends: the registry, the verified ``"auto"`` policy, and one module per implementation (DESIGN.md §2, §4).
+"""Backends: the registry, the verified ``"auto"`` policy, and one module per implementation (docs/concepts.md: Backends; Layering).
 
 - :mod:`iscse.backends.base`: the :class:`Backend` interface (imports no implementation);
 - :mod:`iscse.backends.reference`: ``"reference"``, the paper's ops (:mod:`iscse.reference`) behind the interface;

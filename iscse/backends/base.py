@@ -1,5 +1,5 @@
 """The backend interface (this module imports no implementation): every backend computes the same function
-(DESIGN.md §2).
+(docs/concepts.md: Backends).
 
 A backend provides four operations on plain tensors (the functional API has already validated them):
 

@@ -1,4 +1,4 @@
-"""``backend="faiss"``: the kNN step by FAISS, for very large memory buffers (DESIGN.md §2).
+"""``backend="faiss"``: the kNN step by FAISS, for very large memory buffers (docs/concepts.md: Backends).
 
 What it does, per device:
 

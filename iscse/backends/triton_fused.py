@@ -1,4 +1,4 @@
-"""``backend="triton"``: the fused Triton kernels (:mod:`iscse.kernels`) behind autograd Functions (DESIGN.md §3).
+"""``backend="triton"``: the fused Triton kernels (:mod:`iscse.kernels`) behind autograd Functions (docs/concepts.md: The fused path).
 
 One name per op through every layer, one kernel file (``kernels/``, installed as ``iscse.kernels``) per op, the
 shared helpers in ``iscse.kernels._common``:
@@ -244,7 +244,7 @@ class ISCSELossFunction(torch.autograd.Function):
 
 
 class TritonBackend(Backend):
-    """The fused Triton path (DESIGN.md §3): kNN + aggregation + dual InfoNCE, forward and backward."""
+    """The fused Triton path (docs/concepts.md: The fused path): kNN + aggregation + dual InfoNCE, forward and backward."""
 
     name = "triton"
 
