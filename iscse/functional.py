@@ -156,6 +156,33 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float = 0.05, *, bac
     return impl.info_nce(a, b, t)
 
 
+def _check_step(z1: torch.Tensor, z2: torch.Tensor, buffer: MemoryBuffer, *, k, temperature, attn_temperature,
+                alpha, push, grouping, aggregation, knn_backend=None):
+    """The checks every IS-CSE step makes before the buffer changes (:func:`iscse_loss` and
+    :func:`iscse.hard_negatives.iscse_hard_negative_loss`): ``z1``, ``z2`` against the buffer, and the
+    hyperparameters. Returns ``(k, temperature, attn_temperature, alpha, grouping, aggregation)``, normalised."""
+    if not isinstance(buffer, MemoryBuffer):
+        raise TypeError(f"buffer must be an iscse.MemoryBuffer, got {type(buffer).__name__}")
+    V.check_pair("z1", z1, "z2", z2, buffer.dim)
+    V.check_same_device("z1", z1, buffer.device)
+    if z1.shape[0] > buffer.size:
+        raise ValueError(f"batch size {z1.shape[0]} is larger than the buffer size {buffer.size}")
+    grouping = V.check_choice("grouping", grouping, GROUPINGS)
+    aggregation = V.check_choice("aggregation", aggregation, AGGREGATIONS)
+    if grouping == "pddp":
+        k = check_pddp(k, buffer.size, knn_backend)
+    else:
+        k = V.check_k(k, buffer.size - 1)
+    temperature = V.check_positive("temperature", temperature)
+    attn_temperature = V.check_positive("attn_temperature", attn_temperature)
+    alpha = V.check_alpha(alpha, allow_tensor=True)
+    if isinstance(alpha, torch.Tensor):
+        V.check_same_device("alpha", alpha, z1.device, "z1")
+    if not isinstance(push, bool):
+        raise TypeError(f"push must be a bool, got {type(push).__name__}")
+    return k, temperature, attn_temperature, alpha, grouping, aggregation
+
+
 def iscse_loss(z1: torch.Tensor, z2: torch.Tensor, buffer: MemoryBuffer, *, k: int = 16, temperature: float = 0.05,
                attn_temperature: float = 2.0, alpha: Union[float, torch.Tensor] = 0.1, backend: str = "auto",
                knn_backend: Optional[str] = None, return_components: bool = False,
@@ -210,25 +237,9 @@ def iscse_loss(z1: torch.Tensor, z2: torch.Tensor, buffer: MemoryBuffer, *, k: i
 
     Bad input raises ``ValueError``/``TypeError`` naming the argument before the buffer changes.
     """
-    if not isinstance(buffer, MemoryBuffer):
-        raise TypeError(f"buffer must be an iscse.MemoryBuffer, got {type(buffer).__name__}")
-    V.check_pair("z1", z1, "z2", z2, buffer.dim)
-    V.check_same_device("z1", z1, buffer.device)
-    if z1.shape[0] > buffer.size:
-        raise ValueError(f"batch size {z1.shape[0]} is larger than the buffer size {buffer.size}")
-    grouping = V.check_choice("grouping", grouping, GROUPINGS)
-    aggregation = V.check_choice("aggregation", aggregation, AGGREGATIONS)
-    if grouping == "pddp":
-        k = check_pddp(k, buffer.size, knn_backend)
-    else:
-        k = V.check_k(k, buffer.size - 1)
-    temperature = V.check_positive("temperature", temperature)
-    attn_temperature = V.check_positive("attn_temperature", attn_temperature)
-    alpha = V.check_alpha(alpha, allow_tensor=True)
-    if isinstance(alpha, torch.Tensor):
-        V.check_same_device("alpha", alpha, z1.device, "z1")
-    if not isinstance(push, bool):
-        raise TypeError(f"push must be a bool, got {type(push).__name__}")
+    k, temperature, attn_temperature, alpha, grouping, aggregation = _check_step(
+        z1, z2, buffer, k=k, temperature=temperature, attn_temperature=attn_temperature, alpha=alpha, push=push,
+        grouping=grouping, aggregation=aggregation, knn_backend=knn_backend)
     # "auto" (without a knn_backend) starts from the baseline and may switch to a verified candidate after the push
     # (see _knn_losses); a named backend is used as it is.
     auto = _is_auto(backend) and knn_backend is None and grouping == "knn"

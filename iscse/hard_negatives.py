@@ -44,8 +44,8 @@ import torch.nn.functional as F
 from . import _validation as V
 from . import reference
 from .buffer import MemoryBuffer
-from .functional import AGGREGATIONS, GROUPINGS, ISCSEOutput, knn_topk, smooth
-from .pddp import check_pddp, pddp_smooth
+from .functional import ISCSEOutput, _check_step, knn_topk, smooth
+from .pddp import pddp_smooth
 
 __all__ = ["hard_negative_info_nce", "iscse_hard_negative_loss", "hard_negative_step", "check_hard_negative_weight"]
 
@@ -112,22 +112,11 @@ def iscse_hard_negative_loss(z1: torch.Tensor, z2: torch.Tensor, z3: torch.Tenso
     ``return_components``. Bad input raises ``ValueError`` / ``TypeError`` naming the argument before the buffer
     changes.
     """
-    if not isinstance(buffer, MemoryBuffer):
-        raise TypeError(f"buffer must be an iscse.MemoryBuffer, got {type(buffer).__name__}")
-    V.check_pair("z1", z1, "z2", z2, buffer.dim)
+    k, temperature, attn_temperature, alpha, grouping, aggregation = _check_step(
+        z1, z2, buffer, k=k, temperature=temperature, attn_temperature=attn_temperature, alpha=alpha, push=push,
+        grouping=grouping, aggregation=aggregation)
     V.check_pair("z1", z1, "z3", z3, buffer.dim)
-    V.check_same_device("z1", z1, buffer.device)
-    if z1.shape[0] > buffer.size:
-        raise ValueError(f"batch size {z1.shape[0]} is larger than the buffer size {buffer.size}")
-    grouping = V.check_choice("grouping", grouping, GROUPINGS)
-    aggregation = V.check_choice("aggregation", aggregation, AGGREGATIONS)
-    k = check_pddp(k, buffer.size) if grouping == "pddp" else V.check_k(k, buffer.size - 1)
-    temperature = V.check_positive("temperature", temperature)
-    attn_temperature = V.check_positive("attn_temperature", attn_temperature)
-    alpha = V.check_alpha(alpha, allow_tensor=True)
     weight = check_hard_negative_weight(hard_negative_weight)
-    if not isinstance(push, bool):
-        raise TypeError(f"push must be a bool, got {type(push).__name__}")
     ops = "reference" if backend == "reference" else "torch"
     if V.finite_check_wanted(check_finite, z1):
         for name, z in (("z1", z1), ("z2", z2), ("z3", z3)):
