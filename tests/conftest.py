@@ -1,6 +1,10 @@
 """Shared fixtures and helpers: a fresh seed per test, a relative-error assertion that shows where it fails."""
 import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
+from typing import Callable, List, Sequence
 
 import pytest
 import torch
@@ -83,3 +87,34 @@ def assert_triton_ops_equal(wide, dense, k: int) -> None:
         (l_cl + 0.5 * l_s).backward()
         results.append((l_cl, l_s, a.grad, b.grad))
     assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a gloo process group's rendezvous)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(worker: Path, argv: Callable[[int, int], Sequence[str]], world: int = 2,
+              timeout: float = 240.0) -> List[str]:
+    """Run ``python WORKER *argv(rank, port)`` once per rank, side by side, with torch.distributed's environment
+    (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``; one thread each); wait for all and
+    fail with the tail of a failing rank's output. Returns each rank's output."""
+    port = free_port()
+    base = dict(os.environ, WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                OMP_NUM_THREADS="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    procs = [subprocess.Popen([sys.executable, str(worker), *map(str, argv(rank, port))], cwd=REPO,
+                              env=dict(base, RANK=str(rank), LOCAL_RANK=str(rank)), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for rank in range(world)]
+    outputs = []
+    try:
+        for rank, proc in enumerate(procs):
+            out, _ = proc.communicate(timeout=timeout)
+            assert proc.returncode == 0, f"rank {rank} failed ({proc.returncode}):\n{out[-4000:]}"
+            outputs.append(out)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    return outputs

@@ -4,10 +4,6 @@ The policy's timing is checked on a fake clock (deterministic): only the wrapped
 declared cost. The wall-clock check of the promise ("auto" is never slower than the faster backend) is a `timing`
 test, run by the benchmark command, not by the default suite.
 """
-import os
-import socket
-import subprocess
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -21,7 +17,7 @@ from iscse import backends
 from iscse.backends import get_backend
 from iscse.backends.pytorch import TorchBackend
 
-from conftest import REPO, assert_rel_close
+from conftest import assert_rel_close, run_ranks
 
 CPU = torch.device("cpu")
 
@@ -310,21 +306,9 @@ def test_faiss_is_a_cpu_candidate_for_large_buffers_only(monkeypatch, clock):
     assert_rel_close(vals, iscse.knn_topk(q, large, 4, self_slots=None, backend="torch")[0], 1e-5, "vals")
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_workers(world, state, out_dir):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    port, worker = _free_port(), str(Path(__file__).with_name("dispatch_ddp_worker.py"))
-    procs = [subprocess.Popen([sys.executable, worker, str(r), str(world), str(port), str(state),
-                               str(out_dir / f"rank{r}.pt")], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for r in range(world)]
-    for proc in procs:
-        output, _ = proc.communicate(timeout=240)
-        assert proc.returncode == 0, f"worker failed ({proc.returncode}):\n{output[-4000:]}"
+    run_ranks(Path(__file__).with_name("dispatch_ddp_worker.py"),
+              lambda r, port: [r, world, port, state, out_dir / f"rank{r}.pt"], world=world, timeout=240)
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 

@@ -21,7 +21,6 @@ optimizer trajectory. The process group, DDP wrapping and per-rank RNG files are
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import free_port
 from test_train import assert_losses_close, make_tiny_setup, one_thread, read_metrics, tiny_args  # noqa: F401
 
 from iscse import train as T
@@ -37,17 +37,11 @@ from iscse.training.trainer import LOSS_STATE
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun(argv, nproc: int = 2, timeout: float = 300.0) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--nnodes", "1",
-           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", "iscse.train", *argv]
+           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "iscse.train", *argv]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return proc

@@ -12,16 +12,12 @@
 """
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import assert_rel_close
+from conftest import assert_rel_close, run_ranks
 
 from iscse import ISCSELoss, MemoryBuffer, reference
 from iscse.hard_negatives import hard_negative_info_nce, hard_negative_step, iscse_hard_negative_loss
@@ -209,27 +205,11 @@ def test_bad_input_is_refused_before_the_buffer_changes(bad, message):
 # ------------------------------------------------------------------------------------------------ data parallel
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_gather_and_get_the_global_loss_and_their_rows_gradients(tmp_path):
     import hn_ddp_worker as W
 
-    port = str(_free_port())
-    procs = []
-    for rank in range(2):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=port, OMP_NUM_THREADS="1",
-                   PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        procs.append(subprocess.Popen([sys.executable, str(REPO / "tests" / "hn_ddp_worker.py"), str(tmp_path)],
-                                      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    for proc in procs:
-        out, _ = proc.communicate(timeout=180)
-        assert proc.returncode == 0, out[-4000:]
+    run_ranks(REPO / "tests" / "hn_ddp_worker.py", lambda rank, port: [tmp_path], timeout=180)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
     data = W.problem()

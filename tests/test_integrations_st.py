@@ -15,23 +15,20 @@ import copy
 import importlib.util
 import inspect
 import os
-import socket
 import subprocess
 import sys
 import warnings
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import iscse
 from iscse import reference as R
 from iscse.integrations.sentence_transformers import ISCSECheckpointCallback, ISCSELoss
 
-from conftest import REPO, assert_rel_close
+from conftest import REPO, assert_rel_close, run_ranks
 
 
 def _load_example(name: str):
@@ -440,12 +437,6 @@ def test_trainer_resume_continues_with_the_same_buffer(tmp_path):
 # gather_across_devices: two gloo processes against one process on the global batch
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_gather_across_devices_two_processes_match_one(tmp_path):
     """Two gloo ranks, with unequal shares of the global batch at some steps (a short last batch), against one
@@ -453,18 +444,7 @@ def test_gather_across_devices_two_processes_match_one(tmp_path):
     import st_ddp_worker as W
 
     assert any(a != b for a, b in W.SPLITS)  # the unequal case is exercised
-    port = str(_free_port())
-    procs = []
-    for rank in range(2):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=port, OMP_NUM_THREADS="1",
-                   PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        procs.append(subprocess.Popen([sys.executable, str(REPO / "tests" / "st_ddp_worker.py"), str(tmp_path)],
-                                      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True))
-    for proc in procs:
-        out, _ = proc.communicate(timeout=180)
-        assert proc.returncode == 0, out[-4000:]
+    run_ranks(REPO / "tests" / "st_ddp_worker.py", lambda rank, port: [tmp_path], timeout=180)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     losses, state, weight, bias = W.train(0, 1)
 
