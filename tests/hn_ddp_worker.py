@@ -13,11 +13,15 @@ import os
 import sys
 
 import torch
+# Before any process group exists, as in tests/st_ddp_worker.py (which says why): then destroy_process_group() ends
+# the group's native threads, and the interpreter's exit finds none running.
+import torch.distributed.nn  # noqa: F401
 import torch.distributed as dist
 
 from iscse import ISCSELoss
 from iscse.hard_negatives import hard_negative_info_nce, hard_negative_step
 from iscse.training.distributed import gather_with_grad
+from st_ddp_worker import native_threads
 
 STEPS, GLOBAL_BATCH, DIM, BUFFER, K, TEMP, ALPHA, WEIGHT = 5, 8, 7, 16, 3, 0.05, 0.1, 0.6  # full from step 2
 
@@ -54,15 +58,12 @@ def main(out_dir: str) -> None:
     dist.init_process_group("gloo")
     rank, world_size = dist.get_rank(), dist.get_world_size()
     try:
-        torch.save(run(rank, world_size), os.path.join(out_dir, f"rank{rank}.pt"))
+        result = run(rank, world_size)
     finally:
         dist.destroy_process_group()
+    result["threads"] = native_threads()
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 if __name__ == "__main__":
     main(sys.argv[1])
-    # As tests/st_ddp_worker.py: results are saved and the group destroyed; skip the interpreter's teardown (a
-    # native thread's destructor sometimes aborted a rank at exit in the full suite).
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)

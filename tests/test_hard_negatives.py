@@ -211,6 +211,11 @@ def test_two_processes_gather_and_get_the_global_loss_and_their_rows_gradients(t
 
     run_ranks(REPO / "tests" / "hn_ddp_worker.py", lambda rank, port: [tmp_path], timeout=180)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    from st_ddp_worker import GROUP_THREADS
+
+    for r, result in enumerate(ranks):  # no thread of the destroyed group runs on into the interpreter's exit
+        left = [name for name in result.pop("threads") or () if name in GROUP_THREADS]
+        assert not left, f"rank {r}: the process group's threads outlive destroy_process_group(): {left}"
 
     data = W.problem()
     rows = W.GLOBAL_BATCH // 2
