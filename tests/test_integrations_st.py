@@ -7,7 +7,7 @@
   losses.
 - ``gather_across_devices``: two gloo processes hold the same buffer as one process on the global batch, with the
   same losses and (after DDP) the same weights.
-- The hard-negative building block in ``examples/`` (shown verbatim in the README) against float64 formulas.
+- The hard-negative building block in ``examples/`` (shown verbatim in docs/sentence-transformers.md) against float64 formulas.
 """
 from __future__ import annotations
 
@@ -510,10 +510,10 @@ def test_smoothed_hard_negatives_against_float64_reference(B, D, M, k, scale):
     assert smoothed >= 2
 
 
-def test_readme_shows_the_tested_hard_negative_snippet():
+def test_docs_show_the_tested_hard_negative_snippet():
     example = _load_example("smoothed_hard_negatives")
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
-    assert inspect.getsource(example.smoothed_mnrl_loss) in readme
+    page = (REPO / "docs" / "sentence-transformers.md").read_text(encoding="utf-8")
+    assert inspect.getsource(example.smoothed_mnrl_loss) in page
 
 
 @pytest.mark.slow
