@@ -29,6 +29,7 @@ from typing import Any, Dict, Literal, Optional, Sequence, Tuple
 
 from transformers import HfArgumentParser, TrainingArguments
 
+from ..evaluation.senteval import DEMO_DATA_DIR
 from .errors import ConfigError
 
 __all__ = ["ConfigError", "ISCSETrainingArguments", "PRESETS", "PRESET_CORPUS", "RESUMABLE_CHANGES",
@@ -36,7 +37,6 @@ __all__ = ["ConfigError", "ISCSETrainingArguments", "PRESETS", "PRESET_CORPUS", 
 
 
 POOLERS = ("cls", "cls_before_pooler", "avg", "avg_top2", "avg_first_last")  # iscse.evaluation.encoder.POOLERS
-DEMO_DATA_DIR = Path(__file__).resolve().parent.parent / "demo_data"
 
 
 def _minilm_path() -> str:
