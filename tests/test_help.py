@@ -155,3 +155,29 @@ def test_download_script_help_names_its_default_and_downloads_nothing(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "usage: scripts/download_data.sh [DEST]" in proc.stdout and "default: data" in proc.stdout
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------- .gitignore
+
+
+def test_run_outputs_are_git_ignored():
+    """What the trainer's presets, the example, the bench scripts and the data script write into the clone by
+    default, and the docs build, are ignored by git (so runs leave the clone clean)."""
+    import shutil
+
+    if shutil.which("git") is None or not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    from iscse.training.arguments import PRESETS
+
+    example = _script_parser(REPO / "examples" / "sentence_transformers_iscse.py", "build_parser")
+    outputs = {Path(p["output_dir"]).parts[0] for p in PRESETS.values()}
+    outputs |= {example.parse_args(["corpus.txt"]).output_dir, "out", "data", "site", ".benchmarks", "build",
+                "dist", "iscse.egg-info", ".pytest_cache", "iscse/__pycache__"}
+    outputs = sorted(f"{name}/probe" for name in outputs) + ["iscse/kernels"]
+    proc = subprocess.run(["git", "check-ignore", "--no-index", *outputs], capture_output=True, text=True, cwd=REPO,
+                          timeout=60)
+    ignored = set(proc.stdout.split())
+    assert ignored == set(outputs), f"not git-ignored: {sorted(set(outputs) - ignored)}"
+    tracked = subprocess.run(["git", "ls-files", "-ci", "--exclude-standard"], capture_output=True, text=True,
+                             cwd=REPO, timeout=60).stdout.split()
+    assert tracked == [], f"tracked files that .gitignore would ignore: {tracked}"
