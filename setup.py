@@ -61,4 +61,7 @@ setup(
     install_requires=[TORCH, "numpy>=1.22", "scipy>=1.8"],
     extras_require=EXTRAS,
     license="MIT",
+    # the licence text travels in the sdist and the wheel's .dist-info; the demo data's own licences are in
+    # iscse/demo_data/README.md
+    license_files=["LICENSE"],
 )

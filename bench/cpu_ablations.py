@@ -43,15 +43,21 @@ def _step(impl: str, grouping: str, aggregation: str, B: int, M: int, D: int, k:
     return lambda: torch.autograd.grad(loss(), (z1, z2))
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; ``--help`` shows each default as the parser holds it."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--B", type=int, default=64, help="batch rows")
+    ap.add_argument("--M", type=int, default=1024, help="buffer rows")
+    ap.add_argument("--D", type=int, default=768, help="embedding width")
+    ap.add_argument("--k", type=int, default=16, help="neighbours per row")
+    ap.add_argument("--reps", type=int, default=5, help="timed repetitions per configuration")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads; not given: torch's own")
+    return ap
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--B", type=int, default=64)
-    ap.add_argument("--M", type=int, default=1024)
-    ap.add_argument("--D", type=int, default=768)
-    ap.add_argument("--k", type=int, default=16)
-    ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    args = ap.parse_args(argv)
+    args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -107,19 +107,25 @@ def run(kind: str, B: int, D: int, M: int, k: int, warmup: int, steps: int) -> d
     return row
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--B", type=int, default=64)
-    p.add_argument("--D", type=int, default=384)
-    p.add_argument("--M", type=int, default=1024)
-    p.add_argument("--k", type=int, default=16)
-    p.add_argument("--warmup", type=int, default=30)
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--kinds", nargs="+", default=["loss", "train"], choices=["loss", "train"])
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; ``--help`` shows each default as the parser holds it."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--B", type=int, default=64, help="batch rows")
+    p.add_argument("--D", type=int, default=384, help="embedding width")
+    p.add_argument("--M", type=int, default=1024, help="buffer rows")
+    p.add_argument("--k", type=int, default=16, help="neighbours per row")
+    p.add_argument("--warmup", type=int, default=30, help="untimed steps (compilation included)")
+    p.add_argument("--steps", type=int, default=100, help="timed steps")
+    p.add_argument("--kinds", nargs="+", default=["loss", "train"], choices=["loss", "train"], help="what to time")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch.set_num_threads (default: torch's own); 1 avoids OpenMP spin-waits on a loaded machine")
-    p.add_argument("--out", help="also write the JSON lines to this file")
-    args = p.parse_args()
+                   help="torch.set_num_threads; not given: torch's own; 1 avoids OpenMP spin-waits on a loaded machine")
+    p.add_argument("--out", default=None, help="also write the JSON lines to this file")
+    return p
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = [run(kind, args.B, args.D, args.M, args.k, args.warmup, args.steps) for kind in args.kinds]

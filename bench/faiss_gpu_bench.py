@@ -130,13 +130,19 @@ def run(Ms=(65536, 262144, 1048576), B: int = 64, D: int = 768, k: int = 16, dty
     return doc
 
 
-def main(argv=None) -> int:
-    """Command line: ``--out FILE`` (JSON), ``--M`` sizes, ``--dtypes``."""
-    parser = argparse.ArgumentParser(description="FAISS GPU kNN benchmark")
+def build_parser() -> argparse.ArgumentParser:
+    """Command line: ``--out FILE`` (JSON), ``--M`` sizes, ``--dtypes``; ``--help`` shows each default."""
+    parser = argparse.ArgumentParser(description="FAISS GPU kNN benchmark",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--out", default=None, help="write the JSON document here")
-    parser.add_argument("--M", type=int, nargs="+", default=[65536, 262144, 1048576])
-    parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
-    args = parser.parse_args(argv)
+    parser.add_argument("--M", type=int, nargs="+", default=[65536, 262144, 1048576], help="buffer sizes")
+    parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES), help="buffer dtypes")
+    return parser
+
+
+def main(argv=None) -> int:
+    """Run the benchmark from the command line (:func:`build_parser`)."""
+    args = build_parser().parse_args(argv)
     doc = run(Ms=tuple(args.M), dtypes=tuple(args.dtypes))
     if "skipped" in doc:
         print(f"faiss_gpu_bench skipped: {doc['skipped']}", file=sys.stderr)

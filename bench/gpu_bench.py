@@ -981,7 +981,7 @@ def main(argv=None) -> int:
                     "else ./out)")
     ap.add_argument("--json", default=None, help="result file (default OUT/gpu_bench.json, OUT/gpu_bench_smoke.json "
                     "with --cpu-smoke)")
-    ap.add_argument("--budget", type=float, default=330.0, help="seconds for the whole plan (default 330)")
+    ap.add_argument("--budget", type=float, default=330.0, help="seconds for the whole plan (default: %(default)g)")
     ap.add_argument("--shapes", default=None, help="BxMxDxk,... (default: "
                     + ",".join("x".join(map(str, s)) for s in PLAN_SHAPES) + ")")
     ap.add_argument("--impls", default=",".join(IMPLS), help="subset of " + ",".join(IMPLS) + " (default: all)")
@@ -991,7 +991,7 @@ def main(argv=None) -> int:
                     + ", ".join(f"{k} {v:.0f}" for k, v in ITEM_LIMIT_S.items()) + ")")
     ap.add_argument("--list", action="store_true", help="print the plan and exit")
     ap.add_argument("--compile-only", action="store_true", help="compile the kernels for --arch, no GPU needed")
-    ap.add_argument("--arch", type=int, default=90, help="compute capability for --compile-only (90: H100/H200)")
+    ap.add_argument("--arch", type=int, default=90, help="compute capability for --compile-only (default: %(default)s, H100/H200)")
     ap.add_argument("--quick", action="store_true", help="--compile-only at two shapes only")
     ap.add_argument("--memory", action="store_true", help="print the Triton step's peak extra memory at --shapes "
                     "(default: the benchmark shapes), counted on meta tensors; no GPU needed")

@@ -260,26 +260,35 @@ def run(args) -> dict:
     return doc
 
 
+#: Sizes whose default depends on --dry-run: flag -> (help, full run, dry run). --help is written from this table and
+#: main() applies it, so the two cannot disagree.
+SIZES = {
+    "batch": ("sentences per step B", 64, 4),
+    "seq_len": ("tokens per sentence L", 32, 8),
+    "buffer_size": ("IS-CSE buffer rows", 1024, 16),
+    "k": ("neighbours", 16, 3),
+    "warmup": ("untimed steps per recipe", 5, 1),
+    "steps": ("timed steps per round", 10, 3),
+    "rounds": ("alternating rounds", 3, 2),
+}
+
+
 def main(argv=None) -> int:
     """Command line: see the module docstring."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default=os.environ.get("OUT") or "out", help="directory for train_step.json")
+    ap.add_argument("--out", default=os.environ.get("OUT") or "out",
+                    help="directory for train_step.json (default: $OUT, else ./out; here %(default)s)")
     ap.add_argument("--json", default=None, help="result file (default OUT/train_step.json)")
     ap.add_argument("--dry-run", action="store_true", help="CPU, a tiny BERT, B = 4, L = 8, a few steps")
     ap.add_argument("--device", default=None, help="default: cuda when available (cpu with --dry-run)")
-    ap.add_argument("--batch", type=int, default=None, help="sentences per step B (default 64; 4 with --dry-run)")
-    ap.add_argument("--seq-len", type=int, default=None, help="tokens per sentence L (default 32; 8 with --dry-run)")
-    ap.add_argument("--buffer-size", type=int, default=None, help="IS-CSE buffer rows (default 1024; 16 dry run)")
-    ap.add_argument("--k", type=int, default=None, help="neighbours (default 16; 3 with --dry-run)")
-    ap.add_argument("--warmup", type=int, default=None, help="untimed steps per recipe (default 5; 1 dry run)")
-    ap.add_argument("--steps", type=int, default=None, help="timed steps per round (default 10; 3 dry run)")
-    ap.add_argument("--rounds", type=int, default=None, help="alternating rounds (default 3; 2 dry run)")
-    ap.add_argument("--budget", type=float, default=60.0, help="seconds after which no new round starts")
-    ap.add_argument("--seed", type=int, default=0)
+    for name, (what, full, tiny) in SIZES.items():
+        ap.add_argument(f"--{name.replace('_', '-')}", type=int, default=None,
+                        help=f"{what} (default: {full}; {tiny} with --dry-run)")
+    ap.add_argument("--budget", type=float, default=60.0, help="seconds after which no new round starts (default: %(default)g)")
+    ap.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     args = ap.parse_args(argv)
     dry = args.dry_run
-    for name, full, tiny in (("batch", 64, 4), ("seq_len", 32, 8), ("buffer_size", 1024, 16), ("k", 16, 3),
-                             ("warmup", 5, 1), ("steps", 10, 3), ("rounds", 3, 2)):
+    for name, (_, full, tiny) in SIZES.items():
         value = getattr(args, name)
         if value is None:
             setattr(args, name, tiny if dry else full)

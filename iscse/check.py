@@ -668,7 +668,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available, else cpu)")
     p.add_argument("--backends", default=None, help="comma-separated subset of the available backends")
     p.add_argument("--no-timing", action="store_true", help="verification only")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default: %(default)s)")
     return p
 
 

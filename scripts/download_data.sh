@@ -9,7 +9,20 @@
 #   python -m iscse.download [--dest DEST]
 set -euo pipefail
 
-DEST="${1:-data}"
+DEFAULT_DEST=data
+usage() {
+    echo "usage: scripts/download_data.sh [DEST]"
+    echo
+    echo "Download wiki1m_for_simcse.txt and SentEval's data/downstream into DEST (default: $DEFAULT_DEST)."
+    echo "Both come from huggingface.co (princeton-nlp/datasets-for-simcse); files already there are kept."
+}
+case "${1:-}" in
+    -h|--help) usage; exit 0 ;;
+    -*) echo "download_data.sh: error: unknown option $1" >&2; usage >&2; exit 2 ;;
+esac
+[ $# -le 1 ] || { echo "download_data.sh: error: one DEST at most, got $#" >&2; usage >&2; exit 2; }
+
+DEST="${1:-$DEFAULT_DEST}"
 BASE="https://huggingface.co/datasets/princeton-nlp/datasets-for-simcse/resolve/main"
 mkdir -p "$DEST/SentEval/data/downstream"
 

@@ -233,3 +233,36 @@ def test_real_model_full_sts_suite_avg_and_cls(minilm_path):
     assert cls_token["avg"] == pytest.approx(73.69, abs=0.01)
     cls_mlp = evaluate_sts(lambda b: torch.stack([cached["cls"][s] for s in b]), DATA_DIR, show_progress=False)
     assert cls_mlp["avg"] == pytest.approx(73.33, abs=0.01)
+
+
+def test_demo_evaluates_the_packaged_sample_offline(minilm_path, tmp_path, capsys, monkeypatch):
+    """--demo: STS-B dev on the 375 pairs shipped in iscse/demo_data, with no data folder anywhere (no
+    ISCSE_DATA_DIR, no ../shared) and the hub offline (conftest)."""
+    from iscse.evaluation.senteval import DEMO_DATA_DIR
+
+    monkeypatch.delenv("ISCSE_DATA_DIR", raising=False)
+    out = tmp_path / "demo.json"
+    assert main(["--demo", "--model_name_or_path", minilm_path, "--output_json", str(out), "--no_progress",
+                 "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    results = json.loads(out.read_text())
+    assert list(results) == ["STSBenchmark", "avg"] and "------ dev ------" in printed
+    assert "%.2f" % results["STSBenchmark"] in printed
+    (pairs,) = load_sts_task(DEMO_DATA_DIR, "STSBenchmark", "dev")
+    assert len(pairs) == 375
+    # Recorded on the packaged MiniLM (cls pooler: SimCSE's, the checkpoint's dense + tanh on [CLS]), torch 2.13 CPU
+    assert results["STSBenchmark"] == pytest.approx(88.73, abs=0.05)
+
+
+@pytest.mark.parametrize("flags,says", [
+    (["--data_dir", "x"], "leave out --data_dir"),
+    (["--mode", "test"], "leave out --mode test"),
+    (["--task_set", "transfer"], "leave out --task_set"),
+    (["--tasks", "STS12"], "leave out --task_set / --tasks"),
+])
+def test_demo_refuses_what_the_sample_does_not_hold(flags, says, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--demo", "--model_name_or_path", "unused", *flags])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert says in err and "--demo" in err and len(err.strip().splitlines()) == 1

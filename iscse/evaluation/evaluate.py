@@ -18,7 +18,10 @@ Command line (flag names as in SimCSE's ``evaluation.py``; dashed spellings are 
 
 prints SimCSE's table (task names, then Spearman x100, then "Avg.") and, with ``--output_json``, writes one JSON
 object mapping STS12, STS13, STS14, STS15, STS16, STSBenchmark, SICKRelatedness (those evaluated) and ``avg`` to
-Spearman x100. The data folder is ``--data_dir`` or the environment variable ``ISCSE_DATA_DIR``.
+Spearman x100. The data folder is ``--data_dir`` or the environment variable ``ISCSE_DATA_DIR``. ``--demo``
+evaluates on the sample shipped in the package instead (375 STS-B dev pairs, ``iscse/demo_data``), offline::
+
+    python -m iscse.evaluate --demo --model_name_or_path result/iscse-demo-minilm/model
 
 Transfer tasks (``--task_set transfer``, or ``full`` for STS and transfer, or ``--tasks MR CR ...``): SentEval's
 MR, CR, SUBJ, MPQA, SST2, TREC and MRPC with a scikit-learn logistic regression as in SentEval's scikit-learn
@@ -48,7 +51,7 @@ from scipy.stats import spearmanr
 from . import transfer  # numpy only; it imports scikit-learn when a protocol function runs
 from .._io import write_json_atomic
 from .encoder import POOLERS, SentenceEncoder, check_encoder
-from .senteval import (DATA_DIR_ENV, STS_TASKS, TRANSFER_FOLDERS, TRANSFER_TASKS, STSPairs, TransferSplit,
+from .senteval import (DATA_DIR_ENV, DEMO_DATA_DIR, STS_TASKS, TRANSFER_FOLDERS, TRANSFER_TASKS, STSPairs, TransferSplit,
                        load_sts_task, load_transfer_task, resolve_data_dir)
 
 __all__ = ["DEV_TASKS", "MODES", "TASK_SETS", "evaluate_sts", "evaluate_transfer", "format_table", "main"]
@@ -343,48 +346,76 @@ class _OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {' '.join(message.split())}\n")
 
 
+#: What ``--demo`` evaluates: the one STS split shipped in ``iscse/demo_data``.
+DEMO_TASKS: tuple[str, ...] = ("STSBenchmark",)
+
+
 def _build_parser() -> argparse.ArgumentParser:
+    """The command line; ``--help`` shows each default as the parser holds it (ArgumentDefaultsHelpFormatter), and
+    says in words what a ``None`` default means."""
     parser = _OneLineParser(
-        prog="python -m iscse.evaluate",
+        prog="python -m iscse.evaluate", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="STS12-16, STS-B and SICK-R Spearman x100 of a sentence encoder, with the SentEval protocol "
                     "as SimCSE and IS-CSE report it, and SentEval's transfer tasks (MR, CR, SUBJ, MPQA, SST2, "
-                    "TREC, MRPC) with a scikit-learn logistic regression.")
+                    "TREC, MRPC) with a scikit-learn logistic regression. --demo: offline, on the sample shipped "
+                    "in the package.")
     parser.add_argument("--model_name_or_path", "--model-name-or-path", required=True,
                         help="Hugging Face model name or local folder (e.g. one written by the trainer)")
+    parser.add_argument("--demo", action="store_true",
+                        help=f"evaluate on the sample data shipped in the package, with no network and no data "
+                             f"download: STS-B dev, 375 of its 1,500 pairs (not comparable with published STS-B "
+                             f"dev numbers); the same as --data_dir {DEMO_DATA_DIR} --mode dev --tasks "
+                             f"{' '.join(DEMO_TASKS)}")
     parser.add_argument("--pooler", choices=POOLERS, default=None,
-                        help="pooler (default: the one a saved iscse checkpoint records, else cls)")
-    parser.add_argument("--mode", choices=MODES, default="test",
+                        help="pooler; not given: the one a saved iscse checkpoint records, else cls")
+    parser.add_argument("--mode", choices=MODES, default=None,
                         help="test: STS12-16 + STS-B test + SICK-R test, transfer test accuracy with 10 folds; "
                              "dev: STS-B dev + SICK-R dev, transfer dev accuracy with 5 folds; fasttest: as test, "
-                             "transfer with 5 folds (default: test)")
+                             "transfer with 5 folds; not given: test (dev with --demo)")
     parser.add_argument("--task_set", "--task-set", choices=TASK_SETS, default=None,
-                        help="sts: every STS task of the mode (the default); transfer: MR CR SUBJ MPQA SST2 TREC "
-                             "MRPC; full: both; na: exactly --tasks (SimCSE's flag)")
+                        help="sts: every STS task of the mode; transfer: MR CR SUBJ MPQA SST2 TREC MRPC; full: "
+                             "both; na: exactly --tasks (SimCSE's flag); not given: sts, or --tasks when given")
     parser.add_argument("--tasks", nargs="+", choices=STS_TASKS + TRANSFER_TASKS, default=None, metavar="TASK",
-                        help=f"tasks to run, from {' '.join(STS_TASKS + TRANSFER_TASKS)} (default: the STS tasks "
-                             "of the mode)")
+                        help=f"tasks to run, from {' '.join(STS_TASKS + TRANSFER_TASKS)}; not given: the STS "
+                             "tasks of the mode")
     parser.add_argument("--kfold", type=int, default=None,
-                        help="cross-validation folds for the transfer tasks (default: 10 in test mode, 5 in dev and "
-                             "fasttest, as SimCSE)")
+                        help="cross-validation folds for the transfer tasks; not given: 10 in test mode, 5 in dev "
+                             "and fasttest, as SimCSE")
     parser.add_argument("--data_dir", "--data-dir", default=None,
-                        help=f"SentEval's data/downstream folder (default: ${DATA_DIR_ENV})")
+                        help=f"SentEval's data/downstream folder; not given: ${DATA_DIR_ENV}")
     parser.add_argument("--output_json", "--output-json", default=None,
                         help="write {task: Spearman x100, ..., 'avg': mean} to this file (and, with transfer "
                              "tasks, 'transfer': {'tasks': {task: {acc, devacc, ...}}, 'avg': ...})")
     parser.add_argument("--batch_size", "--batch-size", type=int, default=128,
-                        help="sentences per forward pass (default: 128, SentEval's)")
+                        help="sentences per forward pass (SentEval's value)")
     parser.add_argument("--max_seq_length", "--max-seq-length", type=int, default=None,
-                        help="truncate inputs to this many tokens (default: the model's limit, i.e. no "
-                             "truncation for these tasks, as SimCSE)")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+                        help="truncate inputs to this many tokens; not given: the model's limit, i.e. no "
+                             "truncation for these tasks, as SimCSE")
+    parser.add_argument("--device", default=None, help="torch device; not given: cuda if available, else cpu")
     parser.add_argument("--no_progress", "--no-progress", action="store_true", help="hide the progress bar")
     return parser
+
+
+def _apply_demo(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``--demo``: the packaged data, dev mode, STS-B; a flag that asks for anything the sample does not hold is an
+    error (rather than a missing-file message about a folder the user never named)."""
+    if not args.demo:
+        args.mode = args.mode or "test"
+        return
+    if args.data_dir is not None:
+        parser.error("--demo evaluates on the packaged sample data; leave out --data_dir (or --demo)")
+    if args.mode not in (None, "dev"):
+        parser.error(f"--demo has STS-B dev pairs only; leave out --mode {args.mode}")
+    if args.task_set not in (None, "sts", "na") or (args.tasks is not None and list(args.tasks) != list(DEMO_TASKS)):
+        parser.error(f"--demo evaluates {' '.join(DEMO_TASKS)} (dev) only; leave out --task_set / --tasks")
+    args.data_dir, args.mode, args.tasks, args.task_set = str(DEMO_DATA_DIR), "dev", list(DEMO_TASKS), None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point (``python -m iscse.evaluate``); returns the exit status."""
     parser = _build_parser()
     args = parser.parse_args(argv)
+    _apply_demo(parser, args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     if args.task_set in ("sts", "transfer", "full") and args.tasks is not None:

@@ -42,6 +42,7 @@ from pathlib import Path
 
 __all__ = [
     "DATA_DIR_ENV",
+    "DEMO_DATA_DIR",
     "STS_SUBSETS",
     "STS_TASKS",
     "STSPairs",
@@ -55,6 +56,10 @@ __all__ = [
 
 #: Environment variable consulted when no data folder is given.
 DATA_DIR_ENV = "ISCSE_DATA_DIR"
+
+#: The sample data shipped in the package (``iscse/demo_data``, SentEval's layout): 375 STS-B dev pairs (no other
+#: STS split, no SICK files), the demo presets' corpus and the supervised demo's triples. See its README.md.
+DEMO_DATA_DIR = Path(__file__).resolve().parent.parent / "demo_data"
 
 #: The seven STS tasks, spelled as SentEval spells them, in SimCSE's table order.
 STS_TASKS: tuple[str, ...] = (

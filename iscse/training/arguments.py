@@ -29,6 +29,7 @@ from typing import Any, Dict, Literal, Optional, Sequence, Tuple
 
 from transformers import HfArgumentParser, TrainingArguments
 
+from ..evaluation.senteval import DEMO_DATA_DIR
 from .errors import ConfigError
 
 __all__ = ["ConfigError", "ISCSETrainingArguments", "PRESETS", "PRESET_CORPUS", "RESUMABLE_CHANGES",
@@ -36,7 +37,6 @@ __all__ = ["ConfigError", "ISCSETrainingArguments", "PRESETS", "PRESET_CORPUS", 
 
 
 POOLERS = ("cls", "cls_before_pooler", "avg", "avg_top2", "avg_first_last")  # iscse.evaluation.encoder.POOLERS
-DEMO_DATA_DIR = Path(__file__).resolve().parent.parent / "demo_data"
 
 
 def _minilm_path() -> str:
@@ -103,15 +103,17 @@ RESUMABLE_CHANGES = frozenset({
 })
 
 _BASE = {f.name: f for f in dataclasses.fields(TrainingArguments)}
+#: The ``TrainingArguments`` fields whose default this trainer changes (filled by :func:`_default`): ``--help``
+#: lists them in a group of their own, after the IS-CSE flags and before the other Hugging Face flags.
+RETUNED_FIELDS: list = []
 
 
 def _default(name: str, default: Any, **metadata: Any) -> Any:
     """Re-declare a ``TrainingArguments`` field with another default (and extra metadata such as aliases), keeping
-    its help text."""
+    its help text (``--help`` shows the new default)."""
     md = dict(_BASE[name].metadata)
     md.update(metadata)
-    if "help" in md and "(IS-CSE default" not in md["help"]:
-        md["help"] = f"{md['help']} (IS-CSE default: {default!r})"
+    RETUNED_FIELDS.append(name)
     return field(default=default, metadata=md)
 
 
@@ -163,18 +165,21 @@ class ISCSETrainingArguments(TrainingArguments):
           "SICK triples",
         choices=sorted(PRESETS)))
     model_name_or_path: Optional[str] = field(default=None, metadata=_help(
-        "Hugging Face model name or local folder of a BERT- or RoBERTa-like encoder"))
+        "Hugging Face model name or local folder of a BERT- or RoBERTa-like encoder; required unless --preset "
+        "names one"))
     train_file: Optional[str] = field(default=None, metadata=_help(
         "training data, by its ending: .csv with a header sent0,sent1 (pairs: z1 from sent0, z2 from sent1) or "
         "sent0,sent1,hard_neg (SimCSE's supervised NLI file); .jsonl, one object a line with the same keys; anything "
-        "else: UTF-8 text, one sentence a line (unsupervised) (default: wiki1m, or nli_for_simcse.csv for --preset "
-        "bert-base-sup, downloaded into --cache_dir)"))
+        "else: UTF-8 text, one sentence a line (unsupervised); not given: wiki1m (nli_for_simcse.csv for --preset "
+        "bert-base-sup), downloaded into --cache_dir"))
     data_dir: Optional[str] = field(default=None, metadata=_help(
-        "SentEval's data/downstream folder, holding STS/ and SICK/ (default: $ISCSE_DATA_DIR, else downloaded)"))
+        "SentEval's data/downstream folder, holding STS/ and SICK/; not given: $ISCSE_DATA_DIR, else downloaded "
+        "into --cache_dir"))
     cache_dir: Optional[str] = field(default=None, metadata=_help(
-        "downloads and the tokenized-data cache (default: $ISCSE_CACHE or ~/.cache/iscse)"))
+        "downloads and the tokenized-data cache; not given: $ISCSE_CACHE, else ~/.cache/iscse"))
     overwrite_cache: bool = field(default=False, metadata=_help("re-tokenize the training file"))
-    preprocessing_num_workers: Optional[int] = field(default=None, metadata=_help("processes for tokenization"))
+    preprocessing_num_workers: Optional[int] = field(default=None, metadata=_help(
+        "processes for tokenization; not given: the main process alone"))
     overwrite_output_dir: bool = field(default=False, metadata=_help(
         "train into a non-empty --output_dir (checkpoints already there are moved aside, not deleted)"))
     compute_device: str = field(default="auto", metadata=_help(
@@ -196,9 +201,10 @@ class ISCSETrainingArguments(TrainingArguments):
         "negatives as extra columns [z1.z2, z1.z3] / temp)"))
     hard_negative_weight: float = field(default=0.0, metadata=_help(
         "added to the logit of each anchor's own hard negative (z1_i . z3_i, after the division by --temp), as "
-        "SimCSE's flag; needs a hard_neg column (default: 0, SimCSE's: the hard negatives are plain extra negatives)"))
+        "SimCSE's flag; needs a hard_neg column (0, SimCSE's default: the hard negatives are plain extra "
+        "negatives)"))
     iscse_hard_negatives: Literal["columns", "released"] = field(default="columns", metadata=_help(
-        "--objective iscse with a hard_neg column: columns (default) = the hard negatives are extra columns of both "
+        "--objective iscse with a hard_neg column: columns = the hard negatives are extra columns of both "
         "L_cl and L_s, as --objective simcse uses them; released = the released IS-CSE code's behaviour: encoded "
         "with the pair, then ignored. columns is the default because the IS-CSE paper reports no supervised run "
         "(nothing to reproduce) and a hard_neg column is given to be used"))
@@ -223,11 +229,10 @@ class ISCSETrainingArguments(TrainingArguments):
         "under torchrun: mean = the reference's averaged gradients; sum = exactly the global-batch gradient"))
     do_mlm: bool = field(default=False, metadata=_help(
         "add SimCSE's masked-LM auxiliary loss: a masked copy of the batch is encoded separately and "
-        "L = L_cl + alpha L_s + mlm_weight L_mlm (the head comes from the checkpoint when it has one; "
-        "default: off)"))
-    mlm_weight: float = field(default=0.1, metadata=_help("weight of the masked-LM loss with --do_mlm (default: 0.1)"))
+        "L = L_cl + alpha L_s + mlm_weight L_mlm (the head comes from the checkpoint when it has one)"))
+    mlm_weight: float = field(default=0.1, metadata=_help("weight of the masked-LM loss with --do_mlm"))
     mlm_probability: float = field(default=0.15, metadata=_help(
-        "share of the tokens masked for --do_mlm (of those: 80%% [MASK], 10%% random, 10%% kept; default: 0.15)"))
+        "share of the tokens masked for --do_mlm (of those: 80%% [MASK], 10%% random, 10%% kept)"))
 
     def __post_init__(self) -> None:
         # The values as given, before TrainingArguments rewrites some of them: what train_config.json records and
@@ -253,6 +258,10 @@ class ISCSETrainingArguments(TrainingArguments):
         if self.data_dir and not (Path(self.data_dir) / "SICK" / "SICK_trial.txt").is_file():
             return ("STSBenchmark",)
         return ("STSBenchmark", "SICKRelatedness")
+
+
+#: Every command-line field (the dataclass's init fields).
+_FIELDS = frozenset(f.name for f in dataclasses.fields(ISCSETrainingArguments) if f.init)
 
 
 def _has_accelerator() -> bool:
@@ -284,16 +293,50 @@ def settings_of(args: ISCSETrainingArguments) -> Dict[str, Any]:
 # --------------------------------------------------------------------------------------------------- parsing
 
 
+#: ``--help``'s sections, in the order it prints them: (title, description). The IS-CSE flags come first, then the
+#: Hugging Face flags whose default this trainer changes (:data:`RETUNED_FIELDS`), then every other
+#: ``TrainingArguments`` flag.
+HELP_GROUPS = (
+    ("IS-CSE / SimCSE flags", "the run, the data, the model and the IS-CSE objective"),
+    ("Hugging Face TrainingArguments with IS-CSE defaults", "transformers.TrainingArguments flags to which this "
+                                                            "trainer gives another default (the IS-CSE scripts' "
+                                                            "value) or another meaning"),
+    ("Other Hugging Face TrainingArguments", "every other transformers.TrainingArguments flag, with the library's "
+                                             "default"),
+)
+_USAGE = ("%(prog)s [-h] [--preset NAME] [--model_name_or_path MODEL]\n"
+          "                             [--train_file FILE] [--data_dir DIR] [--output_dir DIR]\n"
+          "                             [--resume_from CHECKPOINT] [--FLAG VALUE ...]")
+
+
 class _Parser(HfArgumentParser):
     """``HfArgumentParser`` whose errors are one line (argparse would print the usage of ~150 flags first), whose
-    ``Optional[bool]`` flags mean True when given alone (``--tf32``, as a plain ``bool`` flag does), and which
-    records the option strings it has (:attr:`flags`). ``explicit_only``: no flag has a default, so that parsing
-    returns only the flags given."""
+    ``Optional[bool]`` flags mean True when given alone (``--tf32``, as a plain ``bool`` flag does), which records
+    the option strings it has (:attr:`flags`), and which files each field's flags into one of :data:`HELP_GROUPS`
+    so that ``--help`` lists the IS-CSE flags first, each with its default. ``explicit_only``: no flag has a
+    default, so that parsing returns only the flags given (its ``--help`` prints the full parser's help)."""
 
     def __init__(self, *args: Any, explicit_only: bool = False, **kwargs: Any) -> None:
         self.flags: set = set()
         self.explicit_only = explicit_only
+        self.help_groups: Optional[list] = None  # created on the first add_argument (see _group_of)
+        if explicit_only:
+            kwargs["add_help"] = False  # replaced by _FullHelp below: this parser's own help would show no default
         super().__init__(*args, **kwargs)
+        if explicit_only:
+            self.add_argument("-h", "--help", action=_FullHelp, help="show this help message and exit")
+
+    def _group_of(self, dest: Optional[str]):
+        """The argument group a field's flags go in (None: the parser's own options, -h and --version). The groups
+        are created on the first call, which comes after ``ArgumentParser.__init__`` and before the first field, so
+        that they are listed in the order of :data:`HELP_GROUPS`."""
+        if self.help_groups is None:
+            self.help_groups = [self.add_argument_group(title, text) for title, text in HELP_GROUPS]
+        if dest is None or dest not in _FIELDS:
+            return None
+        if dest not in _BASE:
+            return self.help_groups[0]
+        return self.help_groups[1] if dest in RETUNED_FIELDS else self.help_groups[2]
 
     def add_argument(self, *args: Any, **kwargs: Any):  # noqa: D102 - argparse API
         from transformers.hf_argparser import string_to_bool
@@ -304,12 +347,36 @@ class _Parser(HfArgumentParser):
             kwargs.update(nargs="?", const=True)
         if self.explicit_only:
             kwargs["default"] = argparse.SUPPRESS
-        action = super().add_argument(*args, **kwargs)
+        if kwargs.get("action") == "store_false":
+            # HfArgumentParser's --no_FIELD complement of an on-by-default flag, with the flag's own help and a
+            # "default: False" that would read as the flag's: the description says every on/off flag has one
+            kwargs["help"] = argparse.SUPPRESS
+        # HfArgumentParser names a field's first flag --FIELD and passes dest only for its --no_FIELD complement
+        long_names = [a[2:].replace("-", "_") for a in args if isinstance(a, str) and a.startswith("--")]
+        group = self._group_of(kwargs.get("dest") or (long_names[0] if long_names else None))
+        if group is None:
+            action = super().add_argument(*args, **kwargs)
+        else:
+            action = group.add_argument(*args, **kwargs)
         self.flags.update(action.option_strings)
         return action
 
     def error(self, message: str) -> None:  # noqa: D401 - argparse API
         raise ConfigError(f"{message} (python -m iscse.train --help lists the flags)")
+
+
+class _FullHelp(argparse.Action):
+    """``-h`` / ``--help`` of the parser that reads only the flags given (whose own defaults are all suppressed):
+    prints the help of :func:`build_parser`'s parser, defaults shown, and exits."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS,
+                 default: Any = argparse.SUPPRESS, help: Optional[str] = None) -> None:  # noqa: A002 - argparse API
+        super().__init__(option_strings=option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: Optional[str] = None) -> None:
+        build_parser().print_help()
+        parser.exit()
 
 
 def build_parser(explicit_only: bool = False) -> HfArgumentParser:
@@ -318,11 +385,13 @@ def build_parser(explicit_only: bool = False) -> HfArgumentParser:
     flags given, nothing else)."""
     from .. import __version__
 
-    parser = _Parser(ISCSETrainingArguments, explicit_only=explicit_only, prog="python -m iscse.train",
+    parser = _Parser(ISCSETrainingArguments, explicit_only=explicit_only, prog="python -m iscse.train", usage=_USAGE,
+                     formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                      description="IS-CSE / SimCSE training on transformers.Trainer (unsupervised on a text file, "
                                  "or supervised on a CSV / JSONL of pairs or triples), with STS-B dev "
                                  "model selection. --preset fills in a paper run (or the CPU demo); flags override "
-                                 "it. The IS-CSE flags come last in this list.")
+                                 "it. The IS-CSE flags come first, then the Hugging Face ones. Every on/off flag "
+                                 "also has a --no-FLAG form.")
     taken = set(parser.flags)
     for f in dataclasses.fields(ISCSETrainingArguments):
         if f.init and f.type in (bool, Optional[bool]):
