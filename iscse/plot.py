@@ -113,8 +113,10 @@ def draw_curves(runs: Sequence[RunCurves], output: str | os.PathLike, title: Opt
     if not runs:
         raise ValueError("runs is empty: pass at least one RunCurves")
     try:
-        from matplotlib.figure import Figure
+        import matplotlib  # noqa: F401 (first: without it, the submodules' imports below must fail too)
         from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+        from matplotlib.ticker import FuncFormatter
     except ImportError:
         raise ImportError("matplotlib is not installed (pip install matplotlib)") from None
 
@@ -165,8 +167,6 @@ def draw_curves(runs: Sequence[RunCurves], output: str | os.PathLike, title: Opt
         for ax in axes[:5]:
             ax.text(0.5, 0.5, "no training step recorded", ha="center", va="center", transform=ax.transAxes,
                     color="grey")
-    from matplotlib.ticker import FuncFormatter
-
     # "%g" labels: the default's offset text ("1e-3" above the axis) collides with the panel title
     axes[4].yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
     lo, hi = axes[3].get_ylim()
