@@ -14,7 +14,7 @@ The GPU chart:
 Left panel: forward+backward speedup of each implementation over ``iscse.reference`` (same card, same run) against
 the buffer size M (log scale); each point is labelled with its batch size. Right panel: each implementation's
 forward+backward time as a multiple of the roofline floor. One line per (file, implementation, dtype); the title
-names the card(s). Needs matplotlib (``pip install 'iscse[bench]'``).
+names the card(s) and the date(s). Needs matplotlib (``pip install 'iscse[bench]'``).
 """
 from __future__ import annotations
 
@@ -55,7 +55,8 @@ def plot(paths, output: Path) -> None:
     palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for path in paths:
         doc = json.loads(Path(path).read_text())
-        cards.append(f"{doc.get('device', '?')} (torch {doc.get('torch')}, triton {doc.get('triton')})")
+        cards.append(f"{doc.get('device', '?')} (torch {doc.get('torch')}, triton {doc.get('triton')}), "
+                     f"{str(doc.get('date', '?'))[:10]}")
         tag = f"{Path(path).stem}: " if len(paths) > 1 else ""
         for (impl, dtype), pts in sorted(series(doc).items()):
             label = f"{tag}{impl} {dtype}"

@@ -252,11 +252,13 @@ class CurvesPlot(TrainerCallback):
         self._last = time.perf_counter()
 
     def on_evaluate(self, args, state, control, **kwargs):
+        """After an evaluation (its record is in ``metrics.jsonl``): draw, unless the last drawing is recent."""
         if state.is_world_process_zero and (self._last is None
                                             or time.perf_counter() - self._last >= self.min_interval_s):
             self.draw()
 
     def on_train_end(self, args, state, control, **kwargs):
+        """At the end of training (after :class:`MetricsLog` flushed the last steps): draw."""
         if state.is_world_process_zero:
             self.draw()
 
