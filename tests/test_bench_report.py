@@ -100,3 +100,10 @@ def test_plot_draws_one_chart_per_result_file(tmp_path):
         assert (tmp_path / f"{path.stem}.png").read_bytes()[:4] == b"\x89PNG"
     # -o is the GPU chart: a CPU result is refused with a pointer to --out-dir
     assert plot.main([str(files[0]), "-o", str(tmp_path / "x.png")]) == 2
+
+
+def test_committed_figures_are_modest_pngs():
+    figures = sorted((REPO / "docs" / "figures").glob("*.png"))
+    assert figures
+    for png in figures:
+        assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size < 200_000, png.name
