@@ -119,11 +119,16 @@ def test_curves_callback_draws_on_the_main_process_only(tmp_path, monkeypatch):
     other.on_train_end(None, _state(main=False), None)
     assert other.drawn == 0 and drawn == []
     cb = CurvesPlot(run, min_interval_s=3600.0)
-    cb.on_evaluate(None, _state(), None)  # the first evaluation draws
-    cb.on_evaluate(None, _state(), None)  # the next within min_interval_s does not
-    assert cb.drawn == 1 and drawn == [run]
+    cb.on_train_begin(None, _state(), None)
+    cb.on_evaluate(None, _state(), None)  # an evaluation within min_interval_s of the start does not draw
+    assert cb.drawn == 0
     cb.on_train_end(None, _state(), None)  # the end always does
-    assert cb.drawn == 2 and drawn == [run, run]
+    assert cb.drawn == 1 and drawn == [run]
+    cb = CurvesPlot(run, min_interval_s=0.0)
+    cb.on_train_begin(None, _state(), None)
+    cb.on_evaluate(None, _state(), None)
+    cb.on_evaluate(None, _state(), None)
+    assert cb.drawn == 2 and drawn == [run] * 3
 
 
 def test_curves_callback_is_quiet_without_matplotlib(tmp_path, monkeypatch, caplog):

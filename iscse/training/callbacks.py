@@ -208,9 +208,9 @@ class QuietProgress(TrainerCallback):
 
 class CurvesPlot(TrainerCallback):
     """Draws ``output_dir/curves.png`` from ``output_dir/metrics.jsonl`` with :func:`iscse.plot.write_curves`: at an
-    evaluation (unless the previous drawing is less than :attr:`min_interval_s` seconds old, so that frequent
-    evaluations of a fast run do not spend their time drawing) and always at the end of training. Main process
-    only.
+    evaluation (unless the start of training or the previous drawing is less than :attr:`min_interval_s` seconds
+    old, so that the evaluation before the first step and frequent evaluations of a fast run do not spend their time
+    drawing) and always at the end of training. Main process only.
 
     Without matplotlib it draws nothing and says so once, at debug level. A drawing that fails is logged in one
     warning line (later failures at debug level) and never stops the run.
@@ -249,6 +249,10 @@ class CurvesPlot(TrainerCallback):
             (logger.debug if self._warned else logger.warning)(
                 "could not draw %s: %s: %s", self.output_dir / "curves.png", type(exc).__name__, first_line(exc))
             self._warned = True
+        self._last = time.perf_counter()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        """The clock of :attr:`min_interval_s` starts with training."""
         self._last = time.perf_counter()
 
     def on_evaluate(self, args, state, control, **kwargs):
