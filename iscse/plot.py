@@ -88,15 +88,31 @@ def read_run(run_dir: str | os.PathLike, name: Optional[str] = None) -> RunCurve
 
 
 def _running_mean(values: List[float], window: int) -> List[float]:
-    """Trailing mean over ``window`` values, skipping non-finite ones (a NaN step leaves no hole in the mean)."""
-    out, kept = [], []
+    """Trailing mean over ``window`` values, skipping non-finite ones (a NaN step leaves no hole in the mean);
+    running sums, so linear in the number of steps."""
+    sums, counts = [0.0], [0]
     for v in values:
-        kept.append(v)
-        if len(kept) > window:
-            kept.pop(0)
-        finite = [x for x in kept if math.isfinite(x)]
-        out.append(sum(finite) / len(finite) if finite else float("nan"))
+        ok = math.isfinite(v)
+        sums.append(sums[-1] + (v if ok else 0.0))
+        counts.append(counts[-1] + ok)
+    out = []
+    for i in range(1, len(values) + 1):
+        lo = max(0, i - window)
+        n = counts[i] - counts[lo]
+        out.append((sums[i] - sums[lo]) / n if n else float("nan"))
     return out
+
+
+def _thin(xs: List, ys: List[float], most: int = 2000):
+    """Every n-th point, so that at most about ``most`` are drawn (a long run's per-step values are a band at the
+    figure's width anyway), the last point kept."""
+    stride = max(1, math.ceil(len(xs) / most))
+    if stride == 1:
+        return xs, ys
+    idx = list(range(0, len(xs), stride))
+    if idx[-1] != len(xs) - 1:
+        idx.append(len(xs) - 1)
+    return [xs[i] for i in idx], [ys[i] for i in idx]
 
 
 def _value(rec: Dict, key: str) -> float:
@@ -142,12 +158,12 @@ def draw_curves(runs: Sequence[RunCurves], output: str | os.PathLike, title: Opt
                 continue
             smooth = key in ("loss", "L_cl", "L_s") and window > 1
             if smooth:
-                ax.plot(steps, values, color=color, alpha=0.3, lw=0.8,
+                ax.plot(*_thin(steps, values), color=color, alpha=0.3, lw=0.8,
                         label="per step" if single else None)
-                ax.plot(steps, _running_mean(values, window), color=color, lw=1.6,
+                ax.plot(*_thin(steps, _running_mean(values, window)), color=color, lw=1.6,
                         label=f"mean of {window} steps" if single else run.name)
             else:
-                ax.plot(steps, values, color=color, lw=1.6, label=None if single else run.name)
+                ax.plot(*_thin(steps, values), color=color, lw=1.6, label=None if single else run.name)
         ax = axes[5]
         ev = [(rec["step"], _value(rec, "eval_stsb_spearman")) for rec in run.eval]
         ev = [(s, v) for s, v in ev if math.isfinite(v)]

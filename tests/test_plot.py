@@ -166,3 +166,18 @@ def test_a_failing_drawing_logs_once_and_never_raises(tmp_path, monkeypatch, cap
     assert levels == [logging.WARNING] + [logging.DEBUG] * 3
     assert "the disk is full" in caplog.records[0].getMessage()
     assert "second line" not in caplog.records[0].getMessage()
+
+
+def test_running_mean_skips_nan_and_matches_a_direct_mean():
+    import random
+
+    rnd = random.Random(5)
+    values = [rnd.random() if rnd.random() > 0.1 else float("nan") for _ in range(101)]
+    for window in (1, 3, 7):
+        got = P._running_mean(values, window)
+        for i, g in enumerate(got):
+            kept = [v for v in values[max(0, i + 1 - window):i + 1] if v == v]
+            want = sum(kept) / len(kept) if kept else float("nan")
+            assert (g != g and want != want) or abs(g - want) < 1e-12, (window, i)
+    xs, ys = P._thin(list(range(4001)), [float(i) for i in range(4001)], most=2000)
+    assert len(xs) <= 2002 and xs[0] == 0 and xs[-1] == 4000 and ys == [float(x) for x in xs]
