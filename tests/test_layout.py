@@ -142,7 +142,7 @@ def _run(code_or_args, **kw):
 
 def test_import_iscse_is_light():
     heavy = ("transformers", "datasets", "scipy", "sklearn", "sentence_transformers", "faiss", "triton",
-             "huggingface_hub", "accelerate")
+             "huggingface_hub", "accelerate", "matplotlib")
     code = ("import sys, iscse; print(sorted({m.split('.')[0] for m in sys.modules} & set(%r)))" % (heavy,))
     proc = _run(["-c", code])
     assert proc.returncode == 0, proc.stderr
@@ -150,7 +150,7 @@ def test_import_iscse_is_light():
     assert proc.stderr == "", proc.stderr
 
 
-@pytest.mark.parametrize("module", ["iscse.evaluate", "iscse.train", "iscse.download", "iscse.check"])
+@pytest.mark.parametrize("module", ["iscse.evaluate", "iscse.train", "iscse.download", "iscse.check", "iscse.plot"])
 def test_entry_points_print_no_warning(module):
     proc = _run(["-W", "default", "-m", module, "--help"])
     assert proc.returncode == 0, proc.stderr

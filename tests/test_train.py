@@ -11,7 +11,8 @@ they run in seconds on a CPU.
   schedule continues), after Ctrl-C, and after a checkpoint was found truncated (the newest intact one is taken).
 - atomic checkpoints: a crash in the middle of writing a checkpoint leaves the previous one complete and resumable.
 - outputs: the best model loads in ``AutoModel``, ``SentenceTransformer`` and ``SentenceEncoder`` with the same
-  embeddings, files follow the umask, the STS test table is printed once and agrees with ``iscse.evaluate``.
+  embeddings, files follow the umask, the STS test table is printed once and agrees with ``iscse.evaluate``;
+  ``curves.png`` is drawn (``test_plot.py``: the figure itself, and a run without matplotlib).
 - flags: presets and overrides, the earlier trainer's spellings, bad values rejected naming the flag before anything
   is written, missing data with no network says which flag to pass. (Bad files, folders, models and checkpoints:
   ``test_cli_errors.py``.)
@@ -417,6 +418,18 @@ def test_outputs_load_with_automodel_and_sentence_transformers(reference):
         sentences = ["w1 w2 w3", "w4 w5"]
         torch.testing.assert_close(torch.as_tensor(st.encode(sentences)),
                                    enc.encode(sentences, show_progress=False), rtol=1e-4, atol=1e-5)
+
+
+def test_curves_png_is_drawn_next_to_the_metrics(reference):
+    """With matplotlib installed (the dev extra), a run that evaluates leaves ``curves.png``: a whole PNG of the
+    size iscse.plot draws (1200 x 640 pixels), with no temporary file left beside it."""
+    pytest.importorskip("matplotlib")
+    png = (reference / "curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and png[12:16] == b"IHDR"
+    assert (int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")) == (1200, 640)
+    assert not list(reference.glob(".curves.png.tmp-*"))
+    log = (reference / "train.log").read_text()
+    assert "could not draw" not in log and "matplotlib" not in log
 
 
 def test_simcse_objective_bf16_and_gradient_accumulation(tiny, tmp_path):

@@ -9,6 +9,8 @@
   second Ctrl-C stops at once. Under DDP the ranks agree at logging steps.
 - :class:`QuietProgress`: a progress bar of the optimizer steps showing the loss, in place of the Hugging Face bar
   and the dict it prints at every log (the log line of :class:`MetricsLog` says the same, readably).
+- :class:`CurvesPlot`: ``curves.png`` next to ``metrics.jsonl`` (:mod:`iscse.plot`), drawn at evaluations and at
+  the end of training when matplotlib is installed.
 - :class:`RankSeed`: process ``r`` draws its dropout masks from ``seed + r`` (the library seeds every process
   alike), so the processes of a data-parallel run do not share masks.
 """
@@ -28,7 +30,7 @@ from transformers import TrainerCallback
 
 from .distributed import any_flag
 
-__all__ = ["MetricsLog", "StopOnSignal", "QuietProgress", "RankSeed"]
+__all__ = ["MetricsLog", "StopOnSignal", "QuietProgress", "CurvesPlot", "RankSeed"]
 
 logger = logging.getLogger("iscse.train")
 
@@ -202,6 +204,67 @@ class QuietProgress(TrainerCallback):
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+class CurvesPlot(TrainerCallback):
+    """Draws ``output_dir/curves.png`` from ``output_dir/metrics.jsonl`` with :func:`iscse.plot.write_curves`: at an
+    evaluation (unless the start of training or the previous drawing is less than :attr:`min_interval_s` seconds
+    old, so that the evaluation before the first step and frequent evaluations of a fast run do not spend their time
+    drawing) and always at the end of training. Main process only.
+
+    Without matplotlib it draws nothing and says so once, at debug level. A drawing that fails is logged in one
+    warning line (later failures at debug level) and never stops the run.
+
+    Args:
+        output_dir: the run's ``--output_dir`` (holding ``metrics.jsonl``).
+        min_interval_s: the least time between two drawings at evaluations, in seconds.
+    """
+
+    def __init__(self, output_dir: Path, min_interval_s: float = 30.0) -> None:
+        self.output_dir = Path(output_dir)
+        self.min_interval_s = min_interval_s
+        self.enabled = True
+        self.drawn = 0  # how many times curves.png was written
+        self._last: Optional[float] = None
+        self._warned = False
+
+    def draw(self) -> None:
+        """Write ``curves.png`` now; never raises."""
+        if not self.enabled:
+            return
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            self.enabled = False
+            logger.debug("matplotlib is not installed: no curves.png (pip install matplotlib)")
+            return
+        try:
+            from ..plot import write_curves
+
+            write_curves(self.output_dir)
+            self.drawn += 1
+        except Exception as exc:  # a figure is never worth a training run
+            from .._io import first_line
+
+            (logger.debug if self._warned else logger.warning)(
+                "could not draw %s: %s: %s", self.output_dir / "curves.png", type(exc).__name__, first_line(exc))
+            self._warned = True
+        self._last = time.perf_counter()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        """The clock of :attr:`min_interval_s` starts with training."""
+        self._last = time.perf_counter()
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        """After an evaluation (its record is in ``metrics.jsonl``): draw, unless the last drawing is recent."""
+        if state.is_world_process_zero and (self._last is None
+                                            or time.perf_counter() - self._last >= self.min_interval_s):
+            self.draw()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        """At the end of training (after :class:`MetricsLog` flushed the last steps): draw."""
+        if state.is_world_process_zero:
+            self.draw()
 
 
 class RankSeed(TrainerCallback):

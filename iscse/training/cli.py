@@ -7,7 +7,8 @@ dev every ``--eval_steps`` and keeping the best model in ``output_dir/model``; a
 STS test sets and print the table once.
 
 Files in ``--output_dir``: ``train.log`` (what a person reads), ``metrics.jsonl`` (one JSON object a line, see
-:mod:`iscse.training.callbacks`), ``train_config.json`` (every setting of the run, see the README), ``model/`` (the
+:mod:`iscse.training.callbacks`), ``curves.png`` (its curves, when matplotlib is installed; ``python -m iscse.plot``
+draws them again or compares runs), ``train_config.json`` (every setting of the run, see the README), ``model/`` (the
 best model; the final one when nothing was evaluated), ``sts_test.json``, ``train_results.json``, and
 ``checkpoint-N/`` every ``--save_steps`` (the newest ``--save_total_limit`` kept).
 

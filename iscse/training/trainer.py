@@ -27,8 +27,8 @@ scheduler and scaler, their rotation, resuming (including skipping the batches a
   before a save. The library reaches them through :class:`~iscse.training._hf_adapter.CheckpointHooks`, the one
   place that overrides ``transformers.Trainer``'s private methods (and says why).
 - :meth:`save_model`: the model as a ``SentenceEncoder`` folder.
-- callbacks (:mod:`iscse.training.callbacks`): ``metrics.jsonl`` and the log line, Ctrl-C, and per-rank dropout
-  seeds (``seed + rank``; the library seeds every rank alike).
+- callbacks (:mod:`iscse.training.callbacks`): ``metrics.jsonl`` and the log line, ``curves.png`` (with
+  matplotlib), Ctrl-C, and per-rank dropout seeds (``seed + rank``; the library seeds every rank alike).
 """
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ from .distributed import gather_with_grad, is_distributed
 from ..evaluation.encoder import SentenceEncoder
 from ._hf_adapter import CheckpointHooks, rotate_checkpoints, signature_problems
 from .arguments import ISCSETrainingArguments, settings_of
-from .callbacks import MetricsLog, QuietProgress, RankSeed, StopOnSignal
+from .callbacks import CurvesPlot, MetricsLog, QuietProgress, RankSeed, StopOnSignal
 from .checkpoints import publish, write_manifest
 from .mlm import MLM_HEAD_FILE, TokenMasker, mask_seed, mlm_loss, scale_for_gradient_sum
 from .model import ISCSEModel, StepAlpha
@@ -84,7 +84,7 @@ class ISCSETrainer(CheckpointHooks):
         callbacks: more ``TrainerCallback`` s.
 
     After :meth:`train`: :attr:`metrics` (the :class:`MetricsLog`, whose ``history`` holds every step),
-    :attr:`best_metric` / :attr:`best_step` (STS-B dev Spearman x100 and its step), :attr:`stopped`.
+    :attr:`curves` (the :class:`CurvesPlot` that draws ``curves.png``), :attr:`best_metric` / :attr:`best_step` (STS-B dev Spearman x100 and its step), :attr:`stopped`.
     """
 
     def __init__(self, model: ISCSEModel, args: ISCSETrainingArguments, train_dataset, data_dir: Optional[str],
@@ -97,6 +97,7 @@ class ISCSETrainer(CheckpointHooks):
         self.out = Path(args.output_dir)
         self.metrics = MetricsLog(self.out / "metrics.jsonl" if args.process_index == 0 else None)
         self.stop = StopOnSignal()
+        self.curves = CurvesPlot(self.out)
         self.best_metric: Optional[float] = None
         self.best_step: Optional[int] = None
         self.first_eval: Optional[Dict[str, float]] = None  # the first STS-B dev score of this run: {"step", "score"}
@@ -113,7 +114,8 @@ class ISCSETrainer(CheckpointHooks):
             eval_dataset=[data_dir] if data_dir else None,
             data_collator=functools.partial(collate_sentences, pad_token_id=tokenizer.pad_token_id,
                                             padding_side=tokenizer.padding_side),
-            callbacks=[RankSeed(), self.metrics, self.stop, *(callbacks or [])],
+            # CurvesPlot after MetricsLog: at the end of training it draws what MetricsLog has just flushed
+            callbacks=[RankSeed(), self.metrics, self.stop, self.curves, *(callbacks or [])],
         )
         # The Hugging Face progress bar prints every log dict; MetricsLog writes a readable line instead.
         self.remove_callback(PrinterCallback)
