@@ -1,5 +1,6 @@
 """Griffe extension: the Sphinx roles in the docstrings (``:class:`MemoryBuffer```, ``:func:`~iscse.smooth```) become
-code that links to the object's entry in the API reference, where it has one.
+code that links to the object's entry in the API reference, where it has one; reST's ``Example::`` before a literal
+block becomes a bold ``Example:`` (the indented block below it is a code block in Markdown too).
 
 Why: the docstrings cite objects the Sphinx way, which Markdown would show as ``:class:`` followed by code. Each
 role becomes ``<autoref identifier="full.path" optional><code>name</code></autoref>``: mkdocs-autorefs makes it a
@@ -13,6 +14,10 @@ import re
 
 import griffe
 
+# a line ending in "::" (reST: a literal block follows)
+_LITERAL = re.compile(r"^(?P<indent>[ \t]*)(?P<text>\S.*?)::[ \t]*$", re.M)
+# A short label ("Example", "For instance") would read as a Google-style section title once its "::" is ":".
+_LABEL = re.compile(r"^[A-Za-z][A-Za-z ]{0,30}$")
 _ROLE = re.compile(r":(?:py:)?(?:class|func|meth|mod|attr|data|exc|obj|const|type):`(?P<tilde>~?)(?P<target>[^`]+)`")
 
 
@@ -40,7 +45,11 @@ def _rewrite(obj, text: str) -> str:
             return code
         return f'<autoref identifier="{html.escape(ident, quote=True)}" optional>{code}</autoref>'
 
-    return _ROLE.sub(replace, text)
+    def literal(match):
+        label = match.group("text")
+        return match.group("indent") + (f"**{label}:**" if _LABEL.match(label) else f"{label}:")
+
+    return _LITERAL.sub(literal, _ROLE.sub(replace, text))
 
 
 class SphinxRoles(griffe.Extension):
