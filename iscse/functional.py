@@ -202,18 +202,22 @@ def iscse_loss(z1: torch.Tensor, z2: torch.Tensor, buffer: MemoryBuffer, *, k: i
     ``Backend.syncs_host``) instead reads the flag on the host and skips the smoothing while the buffer fills.
 
     Args:
-        z1, z2: ``(B, D)`` embeddings of the two dropout views (fp32/bf16/fp16/fp64), ``B <= buffer.size``.
+        z1: ``(B, D)`` embeddings of the first dropout view (fp32/bf16/fp16/fp64), ``B <= buffer.size``.
+        z2: ``(B, D)`` embeddings of the second dropout view, same shape and dtype as ``z1``.
         buffer: the :class:`MemoryBuffer` (``D`` must match); it is pushed to, on success only.
-        k: neighbours per query (paper: 16). temperature: InfoNCE temperature (0.05). attn_temperature: the
-            attention divisor (2). alpha: weight of ``L_s`` (0.1), a number >= 0 or a 0-dim floating tensor (e.g.
-            a schedule evaluated on the device; a tensor's value is not checked, as that would read the device).
+        k: neighbours per query (paper: 16).
+        temperature: InfoNCE temperature (0.05).
+        attn_temperature: the attention divisor (2).
+        alpha: weight of ``L_s`` (0.1), a number >= 0 or a 0-dim floating tensor (e.g. a schedule evaluated on the
+            device; a tensor's value is not checked, as that would read the device).
         backend: which implementation computes the loss (a name, or a :class:`~iscse.backends.Backend` instance
-            such as ``FaissBackend(approximate=True)``); ``knn_backend``: another one for the kNN step only (e.g.
-            ``"faiss"`` for very large buffers; ``backend="faiss"`` means the same with torch for the rest).
+            such as ``FaissBackend(approximate=True)``); see ``knn_backend`` for the kNN step.
             ``"auto"`` with ``knn_backend=None`` runs the torch baseline until the first training step of the shape
             class whose buffer is full; that step verifies the candidates (Triton on CUDA, FAISS's kNN for
             ``M >= 4096``) against torch on its own inputs and keeps the fastest that agrees, for the process
             (:mod:`iscse.backends`). ``"auto"`` with a ``knn_backend``: torch with that kNN provider.
+        knn_backend: another backend for the kNN step only (e.g. ``"faiss"`` for very large buffers;
+            ``backend="faiss"`` means the same with torch for the rest).
         return_components: return an :class:`ISCSEOutput` ``(loss, contrastive, smooth)`` instead of the loss.
         check_finite: raise ``ValueError`` on NaN/inf in ``z1``/``z2``. ``None`` (default): on CPU tensors only,
             where the check costs no synchronisation; ``True``: on CUDA too (a device-to-host read every step);

@@ -141,16 +141,19 @@ class ISCSELoss(nn.Module):
 
     Args:
         dim: embedding width ``D``.
-        buffer_size: buffer rows ``M`` (paper 1024). k: neighbours (paper 16).
-        temperature, attn_temperature: as above. alpha: a number, or a callable of the step such as
+        buffer_size: buffer rows ``M`` (paper 1024).
+        k: neighbours (paper 16).
+        temperature: the InfoNCE temperature, as above.
+        attn_temperature: the attention divisor, as above.
+        alpha: a number, or a callable of the step such as
             ``alpha_schedule("cosine", total_steps=T)``. A callable receives the step (the number of earlier
             updating calls) as a 0-dim int64 tensor on the buffer's device and returns a number or a 0-dim floating
             tensor on that device; written in tensor math (``torch.cos`` ...) it keeps a step free of host reads and
             of ``torch.compile`` recompilations (:func:`alpha_schedule`'s schedules are). A callable that turns the
             step into a Python number (``int(step)``, ``math.cos(step)``, ``step < n`` in an ``if``) still works
             eagerly, at the cost of a host read on CUDA and a graph break under ``torch.compile``.
-        backend: ``"auto"``, ``"torch"``, ``"reference"``, ``"triton"`` or ``"faiss"``; knn_backend: another
-            backend for the kNN step only (default: the same).
+        backend: ``"auto"``, ``"torch"``, ``"reference"``, ``"triton"`` or ``"faiss"``.
+        knn_backend: another backend for the kNN step only (default: the same).
         buffer_dtype: the buffer's storage dtype (fp32 default; bf16 halves its memory). ``module.to(dtype)``,
             ``.half()``, ``.double()`` do not change it (device moves do move the buffer); set
             :attr:`buffer_dtype` to change it.
@@ -159,8 +162,9 @@ class ISCSELoss(nn.Module):
             under ``torch.compile`` and CUDA graph capture.
         grouping: ``"knn"`` (default, the paper) or ``"pddp"`` (the released code's ablation: ``buffer_size // k``
             groups by Principal Direction Divisive Partitioning; torch only, host reads every step, ``k`` may equal
-            ``buffer_size``); aggregation: ``"attention"`` (default) or ``"mean"``. See :func:`iscse.iscse_loss`
-            and the README's "Ablations" section. Both are saved in ``state_dict()``.
+            ``buffer_size``). Saved in ``state_dict()``.
+        aggregation: ``"attention"`` (default) or ``"mean"``. See :func:`iscse.iscse_loss` and the README's
+            "Ablations" section. Saved in ``state_dict()``.
 
     Inputs ``z1``, ``z2``: ``(B, D)``, ``B <= buffer_size``, any float dtype; the result is an fp32 scalar (fp64
     for fp64 inputs). State on the device: the buffer (rows, write pointer, fill count) and the step counter, so a

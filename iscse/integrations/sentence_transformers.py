@@ -183,11 +183,14 @@ class ISCSELoss(nn.Module):
             does not even them out), at the cost of one more small all-gather and host read per step. Without it
             each rank has its own buffer of its own positives.
         dim: embedding width; default ``model.get_sentence_embedding_dimension()``.
-        backend, knn_backend, buffer_dtype: passed to :class:`iscse.ISCSELoss` (``"auto"``: the torch path, or the
-            fused Triton kernels on CUDA / FAISS's kNN for large buffers once they have matched it on the first full
-            step; see :mod:`iscse.backends`).
-        grouping, aggregation: the paper's ablations, passed to :class:`iscse.ISCSELoss`: ``grouping="knn"``
-            (default) or ``"pddp"``, ``aggregation="attention"`` (default) or ``"mean"``.
+        backend: passed to :class:`iscse.ISCSELoss` (``"auto"``: the torch path, or the fused Triton kernels on
+            CUDA / FAISS's kNN for large buffers once they have matched it on the first full step; see
+            :mod:`iscse.backends`).
+        knn_backend: passed to :class:`iscse.ISCSELoss`: a backend for the kNN step only.
+        buffer_dtype: passed to :class:`iscse.ISCSELoss`: the buffer's storage dtype.
+        grouping: the paper's ablation, passed to :class:`iscse.ISCSELoss`: ``"knn"`` (default) or ``"pddp"``.
+        aggregation: the paper's ablation, passed to :class:`iscse.ISCSELoss`: ``"attention"`` (default) or
+            ``"mean"``.
         return_components: ``forward`` returns ``{"L_cl": ..., "alpha_L_s": ...}`` (the trainer sums the parts and
             logs each beside ``loss``) when True, the scalar loss when False; None (default): a dict when the
             installed ``SentenceTransformerTrainer`` takes one (sentence-transformers with ``track_loss_components``).
